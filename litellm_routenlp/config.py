@@ -1,0 +1,154 @@
+"""RouteNLP plugin settings: one validated place, read once at proxy start-up.
+
+The settings live in the proxy's own ``proxy_config.yaml`` under a top-level ``routenlp_settings:``
+key (LiteLLM ignores keys it does not know), or in a separate YAML file named by the environment
+variable ``ROUTENLP_CONFIG``.  Relative paths are resolved against the directory of the file they
+come from, so a config can be moved together with its artifacts.  A bad value raises
+:class:`SettingsError` whose message names the setting, and the proxy refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SETTINGS_KEY = "routenlp_settings"
+CONFIG_ENV = "ROUTENLP_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A RouteNLP setting is missing or invalid; the message names it."""
+
+
+class TaskSettings(BaseModel):
+    """How one task is served: its quality bar and how streaming interacts with the cascade."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["structured", "generation"] = Field(
+        description="structured: labels/extraction; generation: free text. Used by outage fallbacks.")
+    tau: float = Field(gt=0.0, le=1.0, description="the task's quality threshold (paper Table 1)")
+    cascade_streaming: Literal["buffer", "off"] = Field(
+        default="buffer",
+        description="buffer: hold a streamed answer until its uncertainty is known, then replay it or "
+                    "the escalated answer (first token arrives later); off: stream at once, no cascade.")
+
+
+class RouteNLPSettings(BaseModel):
+    """Everything the plugin needs; defaults are what a first deployment should use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_alias: str = Field(default="routenlp", min_length=1,
+                             description="the model group name clients call; its deployments are the tiers")
+    router_artifact: Path = Field(description="directory written by `routenlp train`")
+    encoder_dir: Optional[Path] = Field(
+        default=None, description="encoder ONNX directory; default: the one router.json names")
+    router_quantized: bool = Field(default=True, description="serve the int8 graphs (faster, >=98% agreement)")
+    thresholds_path: Optional[Path] = Field(
+        default=None, description="JSON written by `routenlp calibrate`; without it the cascade never fires")
+    decision_log_path: Path = Field(default=Path("logs/routenlp_decisions.jsonl"))
+    tasks: dict[str, TaskSettings] = Field(min_length=1)
+    require_task: bool = Field(default=False, description="reject requests without metadata.task (HTTP 400)")
+    unknown_task_policy: Literal["reject", "router", "top_tier"] = Field(
+        default="router",
+        description="missing/unknown task when not required: route with the task-agnostic embedding "
+                    "(router), send to the most expensive tier (top_tier), or answer 400 (reject)")
+    route_confidence: float = Field(
+        default=0.5, gt=0.0, lt=1.0,
+        description="pick the cheapest tier whose predicted P(acceptable) reaches this value")
+    max_hops: int = Field(default=3, ge=0, le=10, description="maximum escalations per request")
+    no_logprobs_policy: Literal["trust_router", "escalate"] = Field(
+        default="trust_router",
+        description="a tier that returns no logprobs: keep its answer (trust_router) or escalate")
+    fail_open: bool = Field(
+        default=False,
+        description="router artifact unusable at start-up: refuse to start (false) or route everything "
+                    "to the top tier with a loud warning (true)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, TaskSettings]) -> dict[str, TaskSettings]:
+        for name in tasks:
+            if not name or name.startswith("__"):
+                raise ValueError(f"task name {name!r} is reserved or empty")
+        return tasks
+
+    def resolve_paths(self, base_dir: Path) -> "RouteNLPSettings":
+        """Return a copy with relative paths made absolute against ``base_dir``."""
+
+        def fix(path: Optional[Path]) -> Optional[Path]:
+            if path is None:
+                return None
+            path = Path(os.path.expanduser(str(path)))
+            return path if path.is_absolute() else (base_dir / path).resolve()
+
+        return self.model_copy(update={
+            "router_artifact": fix(self.router_artifact),
+            "encoder_dir": fix(self.encoder_dir),
+            "thresholds_path": fix(self.thresholds_path),
+            "decision_log_path": fix(self.decision_log_path),
+        })
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        lines.append(f"{SETTINGS_KEY}.{where}: {item['msg']}")
+    return f"invalid RouteNLP settings in {source}:\n  " + "\n  ".join(lines)
+
+
+def settings_from_mapping(raw: Any, source: str, base_dir: Path) -> RouteNLPSettings:
+    if not isinstance(raw, Mapping):
+        raise SettingsError(f"{source}: `{SETTINGS_KEY}` must be a mapping, got {type(raw).__name__}")
+    try:
+        settings = RouteNLPSettings.model_validate(dict(raw))
+    except ValidationError as error:
+        raise SettingsError(_format_validation_error(error, source)) from None
+    return settings.resolve_paths(base_dir)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"{path}: expected a YAML mapping at the top level")
+    return loaded
+
+
+def load_settings(config_path: str | os.PathLike[str]) -> tuple[RouteNLPSettings, dict[str, Any]]:
+    """Read ``routenlp_settings`` (and return the whole YAML, whose model_list names the tiers)."""
+    path = Path(config_path).resolve()
+    document = read_yaml(path)
+    if SETTINGS_KEY in document:
+        raw = document[SETTINGS_KEY]
+    elif "router_artifact" in document:  # a standalone settings file
+        raw = document
+    else:
+        raise SettingsError(f"{path}: no `{SETTINGS_KEY}` section")
+    return settings_from_mapping(raw, str(path), path.parent), document
+
+
+def find_config_path() -> Path:
+    """ROUTENLP_CONFIG wins; otherwise the config file the running LiteLLM proxy was started with."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return Path(explicit)
+    import sys
+
+    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
+    proxy_path = getattr(proxy_server, "user_config_file_path", None) if proxy_server else None
+    proxy_path = proxy_path or os.environ.get("CONFIG_FILE_PATH")
+    if not proxy_path:
+        raise SettingsError(
+            f"cannot find the RouteNLP settings: start the proxy with `litellm --config FILE` or set {CONFIG_ENV}")
+    return Path(proxy_path)

@@ -1,0 +1,441 @@
+"""The RouteNLP callback inside the LiteLLM proxy: task -> route -> answer -> uncertainty -> escalate -> log.
+
+Hook order for a request to the alias (``routenlp`` by default):
+
+1. ``async_pre_call_hook`` (proxy only): resolve the task from the request metadata, reject bad input
+   with a 400, run the difficulty router, force ``logprobs`` so the cascade can measure uncertainty.
+2. ``async_filter_deployments`` (proxy and ``litellm.Router``): keep only the deployments of the
+   cheapest healthy tier predicted to meet the task's threshold (cooldown has already removed unhealthy
+   ones).  Escalation calls carry their target tier and are pinned to it.
+3. ``async_post_call_success_hook``: u = mean(1 - p(token)); while u > delta[tier][task] re-ask the next
+   tier through ``llm_router.acompletion``; the client receives the last answer.
+4. ``async_post_call_response_headers_hook``: ``x-routenlp-*`` headers.  For streaming requests this is
+   where the tier's stream is buffered (policy ``buffer``) and the cascade runs, because headers must be
+   known before the first byte; ``async_post_call_streaming_iterator_hook`` then replays the answer.
+5. One durable decision record per request (``DecisionLog``), written before the answer is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncGenerator, Optional, Sequence
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
+from .config import RouteNLPSettings, SettingsError, load_settings
+from .decision_log import DecisionLog
+from .request_fields import RequestError, forwarded_params, query_text, resolve_task, validate_request
+from .router_model import RouterArtifactError, RouterModel
+from .routing import RoutingDecision, choose_tier
+from .streaming import chunks_from_response, collect_stream
+from .thresholds import Thresholds, ThresholdsError
+from .uncertainty import response_uncertainty
+
+logger = logging.getLogger("litellm_routenlp")
+
+STATE_KEY = "routenlp"                      # per-request state inside data["metadata"]
+ESCALATION_KEY = "routenlp_escalation_tier"  # pins an escalation call to one tier
+# Only these parent metadata keys travel with an escalation call (never auth objects or budgets).
+ESCALATION_METADATA_WHITELIST = ("user_api_key", "user_api_key_alias", "user_api_key_hash",
+                                 "user_api_key_team_id", "user_api_key_user_id", "user_api_key_org_id",
+                                 "user_api_key_end_user_id", "requester_metadata", "tags", "task")
+
+
+class TierTable:
+    """Tier numbers of the alias's deployments, read from ``model_info.routenlp_tier``."""
+
+    def __init__(self, model_list: Sequence[dict[str, Any]], alias: str, source: str) -> None:
+        self.alias = alias
+        self.tasks_by_tier: dict[int, Optional[set[str]]] = {}
+        for index, deployment in enumerate(model_list or []):
+            if not isinstance(deployment, dict) or deployment.get("model_name") != alias:
+                continue
+            info = deployment.get("model_info") or {}
+            tier = info.get("routenlp_tier")
+            where = f"{source}: model_list[{index}].model_info.routenlp_tier"
+            if not isinstance(tier, int) or isinstance(tier, bool) or tier < 1:
+                raise SettingsError(f"{where}: every `{alias}` deployment needs an integer tier >= 1, got {tier!r}")
+            tasks = info.get("routenlp_tasks")
+            if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+                raise SettingsError(f"{source}: model_list[{index}].model_info.routenlp_tasks must be a list of task names")
+            previous = self.tasks_by_tier.get(tier)
+            merged = None if (tasks is None or (tier in self.tasks_by_tier and previous is None)) else \
+                set(tasks) | (previous or set())
+            self.tasks_by_tier[tier] = merged
+        if not self.tasks_by_tier:
+            raise SettingsError(f"{source}: model_list has no deployment named `{alias}` (routenlp_settings.model_alias)")
+        tiers = sorted(self.tasks_by_tier)
+        if tiers != list(range(1, len(tiers) + 1)):
+            raise SettingsError(f"{source}: `{alias}` tiers must be numbered 1..K without gaps, got {tiers}")
+        self.count = len(tiers)
+
+    def eligible(self, tier: int, task: Optional[str]) -> bool:
+        tasks = self.tasks_by_tier.get(tier)
+        return tasks is None or (task is not None and task in tasks)
+
+    @staticmethod
+    def tier_of(deployment: dict[str, Any]) -> Optional[int]:
+        tier = (deployment.get("model_info") or {}).get("routenlp_tier")
+        return tier if isinstance(tier, int) else None
+
+
+class RouteNLPCallback(CustomLogger):
+    """LiteLLM callback that routes requests for ``settings.model_alias`` across cost tiers."""
+
+    def __init__(self, settings: RouteNLPSettings, tier_table: TierTable, router: Optional[RouterModel],
+                 thresholds: Optional[Thresholds], decision_log: DecisionLog,
+                 llm_router: Any = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.tiers = tier_table
+        self.router = router
+        self.thresholds = thresholds
+        self.decision_log = decision_log
+        self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
+        self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config_path: str | Path, llm_router: Any = None) -> "RouteNLPCallback":
+        """Load and validate settings, router artifact, thresholds and decision log; raise SettingsError."""
+        settings, document = load_settings(config_path)
+        source = str(Path(config_path).resolve())
+        tier_table = TierTable(document.get("model_list") or [], settings.model_alias, source)
+        router: Optional[RouterModel] = None
+        try:
+            router = RouterModel.load(settings.router_artifact, encoder_dir=settings.encoder_dir,
+                                      quantized=settings.router_quantized)
+        except RouterArtifactError as error:
+            if not settings.fail_open:
+                raise SettingsError(f"routenlp_settings.router_artifact: {error}") from None
+            logger.warning("RouteNLP: router artifact unusable (%s); fail_open=true, routing EVERYTHING to "
+                           "the top tier", error)
+        if router is not None and len(router.tiers) != tier_table.count:
+            raise SettingsError(
+                f"routenlp_settings.router_artifact: the router predicts {len(router.tiers)} tiers "
+                f"({router.tiers}) but `{settings.model_alias}` has {tier_table.count} in model_list")
+        thresholds = None
+        if settings.thresholds_path is not None:
+            try:
+                thresholds = Thresholds.load(settings.thresholds_path)
+            except ThresholdsError as error:
+                raise SettingsError(f"routenlp_settings.thresholds_path: {error}") from None
+        if router is not None:
+            unknown = sorted(set(settings.tasks) - set(router.tasks))
+            if unknown:
+                logger.warning("RouteNLP: tasks %s are not known to the router; they use its task-agnostic "
+                               "embedding", unknown)
+        return cls(settings, tier_table, router, thresholds, DecisionLog(settings.decision_log_path),
+                   llm_router=llm_router)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def llm_router(self) -> Any:
+        if self._llm_router is not None:
+            return self._llm_router
+        from litellm.proxy import proxy_server
+
+        return proxy_server.llm_router
+
+    def _is_ours(self, model: Any) -> bool:
+        return model == self.settings.model_alias
+
+    def decide(self, messages: Any, metadata: dict[str, Any]) -> RoutingDecision:
+        """Resolve the task and run the router (no health information yet)."""
+        task, status = resolve_task(metadata, self.settings)
+        started = time.perf_counter()
+        if self.router is None or (status != "known" and self.settings.unknown_task_policy == "top_tier"):
+            probabilities = [0.0] * (self.tiers.count - 1) + [1.0]
+        else:
+            text = query_text(messages)
+            probabilities = [float(p) for p in self.router.predict_proba([text], [task or ""])[0]]
+        return RoutingDecision(task=task, task_status=status, probabilities=probabilities,
+                               router_ms=(time.perf_counter() - started) * 1000.0)
+
+    def _state(self, data: Optional[dict]) -> Optional[dict[str, Any]]:
+        if not isinstance(data, dict):
+            return None
+        metadata = data.get("metadata")
+        if isinstance(metadata, dict) and isinstance(metadata.get(STATE_KEY), dict):
+            return metadata[STATE_KEY]
+        return None
+
+    async def _healthy_tiers(self, task: Optional[str]) -> list[int]:
+        """Tiers with at least one deployment not in cooldown, eligible for the task."""
+        router = self.llm_router
+        deployments = router.get_model_list(model_name=self.settings.model_alias) or []
+        cooling: set[str] = set()
+        try:
+            from litellm.router_utils.cooldown_handlers import async_get_cooldown_deployments
+
+            cooling = set(await async_get_cooldown_deployments(router, parent_otel_span=None))
+        except Exception as error:  # cooldown lookup is best-effort; a dead tier then fails on call
+            logger.debug("RouteNLP: cooldown lookup failed: %s", error)
+        tiers = set()
+        for deployment in deployments:
+            tier = TierTable.tier_of(deployment)
+            model_id = (deployment.get("model_info") or {}).get("id")
+            if tier is not None and model_id not in cooling and self.tiers.eligible(tier, task):
+                tiers.add(tier)
+        return sorted(tiers)
+
+    # ------------------------------------------------------------------ 1. pre-call (proxy)
+    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any) -> Any:
+        if not self._is_ours(data.get("model")):
+            return data
+        try:
+            validate_request(data)
+            metadata = data.setdefault("metadata", {})
+            decision = self.decide(data.get("messages"), metadata)
+        except RequestError as error:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=400, detail={"error": {"message": str(error),
+                                                                   "type": "invalid_request_error",
+                                                                   "param": error.param}})
+        metadata[STATE_KEY] = {
+            "decision": decision.to_dict(),
+            "client_logprobs": bool(data.get("logprobs")),
+            "started": time.time(),
+        }
+        data["logprobs"] = True
+        return data
+
+    # ------------------------------------------------------------------ 2. filter deployments
+    async def async_filter_deployments(self, model: str, healthy_deployments: list, messages: Any,
+                                       request_kwargs: Optional[dict] = None, parent_otel_span: Any = None) -> list:
+        if not self._is_ours(model) or not healthy_deployments:
+            return healthy_deployments
+        kwargs = request_kwargs or {}
+        metadata = kwargs.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = kwargs.get("litellm_metadata") if isinstance(kwargs.get("litellm_metadata"), dict) else {}
+        pinned = metadata.get(ESCALATION_KEY)
+        if isinstance(pinned, int):
+            return [d for d in healthy_deployments if TierTable.tier_of(d) == pinned]
+        state = metadata.get(STATE_KEY)
+        if isinstance(state, dict) and "decision" in state:
+            decision = RoutingDecision.from_dict(state["decision"])
+        else:  # litellm.Router used directly (no proxy pre-call hook)
+            decision = self.decide(messages, metadata)
+            state = {"decision": decision.to_dict(), "started": time.time()}
+            metadata[STATE_KEY] = state
+        by_tier: dict[int, list] = {}
+        for deployment in healthy_deployments:
+            tier = TierTable.tier_of(deployment)
+            if tier is not None and self.tiers.eligible(tier, decision.task):
+                by_tier.setdefault(tier, []).append(deployment)
+        if not by_tier:
+            return healthy_deployments if decision.task is None else []
+        tier, reason = choose_tier(decision.probabilities, list(by_tier), self.settings.route_confidence)
+        decision.tier, decision.reason, decision.healthy_tiers = tier, reason, sorted(by_tier)
+        state["decision"] = decision.to_dict()
+        return by_tier[tier]
+
+    # ------------------------------------------------------------------ 3. cascade
+    def _tier_of_response(self, response: Any) -> tuple[Optional[int], Optional[str]]:
+        hidden = getattr(response, "_hidden_params", None) or {}
+        model_id = hidden.get("model_id")
+        if model_id is None:
+            return None, None
+        try:
+            deployment = self.llm_router.get_deployment(model_id=model_id)
+        except Exception:
+            deployment = None
+        info = {}
+        if deployment is not None:
+            info = deployment.model_info if hasattr(deployment, "model_info") else deployment.get("model_info", {})
+            info = info if isinstance(info, dict) else dict(info)
+        tier = info.get("routenlp_tier")
+        return (tier if isinstance(tier, int) else None), model_id
+
+    @staticmethod
+    def _cost_of(response: Any) -> float:
+        hidden = getattr(response, "_hidden_params", None) or {}
+        cost = hidden.get("response_cost")
+        try:
+            return float(cost) if cost is not None else 0.0
+        except (TypeError, ValueError):
+            return 0.0
+
+    def _answer(self, response: Any, latency_ms: float, fallback_tier: Optional[int]) -> TierAnswer:
+        tier, model_id = self._tier_of_response(response)
+        return TierAnswer(tier=tier or fallback_tier or self.tiers.count, response=response,
+                          uncertainty=response_uncertainty(response), cost_usd=self._cost_of(response),
+                          latency_ms=latency_ms, model_id=model_id)
+
+    async def _escalate(self, data: dict, state: dict, tier: int, previous: TierAnswer) -> TierAnswer:
+        """Re-ask the same question at ``tier`` through the proxy's router, linked to the parent call."""
+        parent = data.get("metadata") or {}
+        metadata = {key: parent[key] for key in ESCALATION_METADATA_WHITELIST if key in parent}
+        metadata[ESCALATION_KEY] = tier
+        metadata["spend_logs_metadata"] = {
+            **(parent.get("spend_logs_metadata") or {}),
+            "routenlp_parent_call_id": data.get("litellm_call_id"),
+            "routenlp_tier": self.tier_names.get(tier, f"T{tier}"),
+            "routenlp_previous_uncertainty": previous.uncertainty,
+        }
+        started = time.perf_counter()
+        response = await self.llm_router.acompletion(
+            model=self.settings.model_alias, messages=data["messages"], metadata=metadata,
+            **forwarded_params(data), logprobs=True, stream=False)
+        return self._answer(response, (time.perf_counter() - started) * 1000.0, tier)
+
+    async def _cascade(self, data: dict, state: dict, first: TierAnswer) -> CascadeResult:
+        decision = RoutingDecision.from_dict(state["decision"])
+        return await run_cascade(
+            first=first, task=decision.task if decision.task_status == "known" else None,
+            thresholds=self.thresholds, tier_names=self.tier_names,
+            available_tiers=lambda: self._healthy_tiers(decision.task),
+            ask=lambda tier: self._escalate(data, state, tier, first),
+            max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy)
+
+    def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool) -> None:
+        """Remember the outcome for the headers hook and write the durable decision record."""
+        decision = state["decision"]
+        state["result"] = {
+            "final_tier": result.final.tier,
+            "path": result.path,
+            "uncertainties": [a.uncertainty for a in result.attempts if a.error is None],
+            "total_cost_usd": result.total_cost_usd,
+            "escalation_error": result.escalation_error,
+        }
+        record: dict[str, Any] = {
+            "request_id": data.get("litellm_call_id"),
+            "ts": datetime.now(timezone.utc).isoformat(),
+            "task": decision.get("task"),
+            "task_status": decision.get("task_status"),
+            "router": {
+                "probabilities": dict(zip(self.tier_names.values(), decision.get("probabilities", []))),
+                "routed_tier": self.tier_names.get(decision.get("tier") or 0),
+                "reason": decision.get("reason"),
+                "healthy_tiers": [self.tier_names.get(t) for t in decision.get("healthy_tiers", [])],
+                "router_ms": decision.get("router_ms"),
+            },
+            "attempts": result.attempts_as_dicts(),
+            "final_tier": self.tier_names.get(result.final.tier),
+            "total_cost_usd": result.total_cost_usd,
+            "total_latency_ms": (time.time() - state.get("started", time.time())) * 1000.0,
+            "escalation_error": result.escalation_error,
+            "stream": streamed,
+            "key_alias": (data.get("metadata") or {}).get("user_api_key_alias"),
+        }
+        if not _message_logging_off(data):
+            record["prompt"] = query_text(data.get("messages"))
+        self.decision_log.append(record)
+
+    async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
+        state = self._state(data)
+        if state is None or not self._is_ours(data.get("model")) or data.get("stream"):
+            return None
+        decision = state["decision"]
+        latency = (time.time() - state.get("started", time.time())) * 1000.0
+        first = self._answer(response, latency, decision.get("tier"))
+        result = await self._cascade(data, state, first)
+        self._finish(data, state, result, streamed=False)
+        final = result.final.response
+        if not state.get("client_logprobs"):
+            for choice in getattr(final, "choices", None) or []:
+                if hasattr(choice, "logprobs"):
+                    choice.logprobs = None
+        return final
+
+    # ------------------------------------------------------------------ 4. headers (+ buffered streaming)
+    async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any, response: Any,
+                                                    request_headers: Optional[dict] = None,
+                                                    litellm_call_info: Optional[dict] = None) -> Optional[dict]:
+        state = self._state(data)
+        if state is None or not self._is_ours(data.get("model")) or response is None:
+            return None
+        if data.get("stream") and "result" not in state:
+            await self._buffer_stream(data, state, response)
+        outcome = state.get("result")
+        if not outcome:
+            return None
+        names = [self.tier_names.get(t, f"T{t}") for t in outcome["path"]]
+        headers = {
+            "x-routenlp-tier": self.tier_names.get(outcome["final_tier"], str(outcome["final_tier"])),
+            "x-routenlp-path": ",".join(names),
+            "x-routenlp-uncertainty": ",".join("-" if u is None else f"{u:.4f}" for u in outcome["uncertainties"]),
+            "x-routenlp-total-cost": f"{outcome['total_cost_usd']:.8f}",
+            "x-routenlp-task": str(state["decision"].get("task") or "-"),
+        }
+        if outcome.get("escalation_error"):
+            headers["x-routenlp-escalation"] = f"failed; previous answer returned ({outcome['escalation_error']})"[:500]
+        if outcome.get("streaming_cascade") == "off":
+            headers["x-routenlp-cascade"] = "off (streaming)"
+        return headers
+
+    async def _buffer_stream(self, data: dict, state: dict, stream: Any) -> None:
+        decision = state["decision"]
+        task = decision.get("task")
+        task_settings = self.settings.tasks.get(task) if task else None
+        policy = task_settings.cascade_streaming if task_settings else "off"
+        if policy == "off":
+            routed = decision.get("tier") or self.tiers.count
+            first = TierAnswer(tier=routed, response=None, uncertainty=None, cost_usd=0.0, latency_ms=0.0)
+            result = CascadeResult(final=first)
+            result.attempts.append(Attempt(
+                tier=routed, tier_name=self.tier_names.get(routed, f"T{routed}"), model_id=None,
+                uncertainty=None, threshold=None, cost_usd=0.0, latency_ms=0.0))
+            self._finish(data, state, result, streamed=True)
+            state["result"]["streaming_cascade"] = "off"
+            return
+        started = time.perf_counter()
+        buffered = await collect_stream(stream)
+        first = self._answer(buffered.response, (time.perf_counter() - started) * 1000.0, decision.get("tier"))
+        first.cost_usd = buffered.cost_usd if buffered.cost_usd is not None else first.cost_usd
+        result = await self._cascade(data, state, first)
+        self._finish(data, state, result, streamed=True)
+        if result.final is first:
+            state["replay"] = buffered.chunks
+        else:
+            state["replay"] = chunks_from_response(result.final.response)
+        if not state.get("client_logprobs"):
+            for chunk in state["replay"]:
+                for choice in getattr(chunk, "choices", None) or []:
+                    if hasattr(choice, "logprobs"):
+                        choice.logprobs = None
+
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any, response: Any,
+                                                      request_data: dict) -> AsyncGenerator[Any, None]:
+        state = self._state(request_data)
+        if state is not None and "replay" in state:
+            for chunk in state["replay"]:
+                yield chunk
+            return
+        async for chunk in response:
+            yield chunk
+
+    # ------------------------------------------------------------------ 5. failures are logged too
+    async def async_post_call_failure_hook(self, request_data: dict, original_exception: Exception,
+                                           user_api_key_dict: Any, traceback_str: Optional[str] = None) -> Any:
+        state = self._state(request_data)
+        if state is None or "result" in state:
+            return None
+        record = {
+            "request_id": request_data.get("litellm_call_id"),
+            "ts": datetime.now(timezone.utc).isoformat(),
+            "task": state["decision"].get("task"),
+            "router": {"probabilities": state["decision"].get("probabilities"),
+                       "routed_tier": self.tier_names.get(state["decision"].get("tier") or 0)},
+            "attempts": [],
+            "final_tier": None,
+            "error": f"{type(original_exception).__name__}: {str(original_exception)[:300]}",
+        }
+        self.decision_log.append(record)
+        return None
+
+
+def _message_logging_off(data: dict) -> bool:
+    """Honour LiteLLM's global and per-request message-logging switches."""
+    import litellm
+
+    if getattr(litellm, "turn_off_message_logging", False):
+        return True
+    metadata = data.get("metadata") or {}
+    return bool(data.get("turn_off_message_logging") or metadata.get("turn_off_message_logging"))

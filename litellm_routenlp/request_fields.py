@@ -1,0 +1,93 @@
+"""What the plugin reads from a chat request: its task, its text, and the parameters an escalation repeats.
+
+Bad input is turned into :class:`RequestError` (the proxy answers HTTP 400 with its message) instead of
+failing deeper inside a tier.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from .config import RouteNLPSettings
+
+# Sampling/format parameters an escalation must repeat so the next tier answers the same request.
+FORWARDED_PARAMS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+                    "presence_penalty", "frequency_penalty", "response_format", "user")
+
+
+class RequestError(ValueError):
+    """A client error; ``param`` names the offending request field."""
+
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _task_value(metadata: Mapping[str, Any]) -> Any:
+    if "task" in metadata:
+        return metadata["task"]
+    requester = metadata.get("requester_metadata")
+    if isinstance(requester, Mapping) and "task" in requester:
+        return requester["task"]
+    return None
+
+
+def resolve_task(metadata: Mapping[str, Any], settings: RouteNLPSettings) -> tuple[Optional[str], str]:
+    """Return (task, status) with status known/unknown/missing, applying the configured policy."""
+    value = _task_value(metadata or {})
+    if value is None:
+        if settings.require_task or settings.unknown_task_policy == "reject":
+            raise RequestError("metadata.task is required: one of " + ", ".join(sorted(settings.tasks)),
+                               param="metadata.task")
+        return None, "missing"
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("metadata.task must be a non-empty string", param="metadata.task")
+    task = value.strip()
+    if task in settings.tasks:
+        return task, "known"
+    if settings.require_task or settings.unknown_task_policy == "reject":
+        raise RequestError(f"unknown task {task!r}; configured tasks: " + ", ".join(sorted(settings.tasks)),
+                           param="metadata.task")
+    return task, "unknown"
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def query_text(messages: Any) -> str:
+    """The text the router sees: the last user message (the query, without system boilerplate)."""
+    if not isinstance(messages, list):
+        return ""
+    for message in reversed(messages):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return _content_text(message.get("content"))
+    return ""
+
+
+def validate_request(data: Mapping[str, Any]) -> None:
+    """Reject what the router or the cascade cannot serve faithfully."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    if not query_text(messages).strip():
+        raise RequestError("the last user message must contain text", param="messages")
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise RequestError("n > 1 is not supported by the routenlp model (the cascade judges one answer)",
+                           param="n")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise RequestError("metadata must be an object", param="metadata")
+
+
+def forwarded_params(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: data[key] for key in FORWARDED_PARAMS if data.get(key) is not None}
