@@ -12,8 +12,12 @@ way (a wrong or unparseable answer scores low; it never raises).
 - ``ner_entity_f1``: seqeval-style exact-span entity F1 of one sentence (see ``parse_entities``).
 - ``rouge_l``: ROUGE-L F-measure from ``rouge-score`` (Porter stemmer on).
 - ``bertscore_f1``: BERTScore F1 with all-MiniLM-L6-v2, layer 6, no idf, no baseline rescale.
-  This is a re-implementation of bert-score's greedy cosine matching (same tokenisation, same
-  exclusion of [CLS]/[SEP], same "empty candidate scores 0" rule), so no extra package is needed.
+  This re-implements bert-score 0.3.13's greedy cosine matching (same tokenisation and
+  truncation; [CLS]/[SEP] weigh 0 in the averages but, as in bert-score, stay matchable; an empty
+  candidate scores 0), so no extra package is needed.  Checked against bert-score 0.3.13's
+  ``BERTScorer(model_type=<MiniLM path>, num_layers=6)``: identical (to 1e-8) for a pair scored
+  alone; on 43 bitext pairs scored together the largest gap was 4e-4, which is bert-score's own
+  dependence on how short texts are padded within its batches (ours does not depend on batching).
 
 torch/transformers are imported lazily, only by ``bertscore_f1``: this module is offline-side
 (``coopt``), never imported by the proxy package.
@@ -25,7 +29,7 @@ import json
 import re
 import threading
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 # --------------------------------------------------------------------------------------------
 # Labels (intent, sentiment, unfair-clause class)
@@ -147,45 +151,55 @@ def parse_entities(prediction: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def entities_to_iob1(tokens: Sequence[str], entities: Iterable[tuple[str, str]]) -> tuple[list[str], int]:
-    """Project claimed ``(TYPE, surface)`` entities onto the sentence tokens as IOB1 tags.
-
-    A surface matches a run of whole tokens when the two agree ignoring case and whitespace (so
-    "Inc." matches the tokens "Inc" "."); every untagged occurrence is tagged, longest surfaces
-    first.  IOB1 uses ``I-`` everywhere except ``B-`` for an entity that directly follows
-    another of the same type.  Returns ``(tags, unmatched)``: ``unmatched`` counts claimed
-    entities found nowhere in the sentence; they are false positives the tags cannot show.
-    """
-    tags = ["O"] * len(tokens)
-    entity_ids = [-1] * len(tokens)
+def _token_runs(tokens: Sequence[str], surface: str, fold: Callable[[str], str]) -> list[tuple[int, int]]:
+    """``(first, last)`` token runs that spell ``surface`` with whitespace removed, after ``fold``."""
+    needle = "".join(fold(surface).split())
     starts: dict[int, int] = {}
     ends: dict[int, int] = {}
     pieces: list[str] = []
     offset = 0
     for index, token in enumerate(tokens):
-        piece = "".join(token.lower().split())
+        piece = "".join(fold(token).split())  # folded per token, so offsets stay token-aligned
         starts[offset] = index
         offset += len(piece)
         ends[offset] = index
         pieces.append(piece)
-    joined = "".join(pieces)
+    haystack = "".join(pieces)
+    runs = []
+    position = haystack.find(needle) if needle else -1
+    while position >= 0:
+        first, last = starts.get(position), ends.get(position + len(needle))
+        if first is not None and last is not None and last >= first:
+            runs.append((first, last))
+        position = haystack.find(needle, position + 1)
+    return runs
+
+
+def entities_to_iob1(tokens: Sequence[str], entities: Iterable[tuple[str, str]]) -> tuple[list[str], int]:
+    """Project claimed ``(TYPE, surface)`` entities onto the sentence tokens as IOB1 tags.
+
+    A surface matches a run of whole tokens that spells it with whitespace ignored (so "Inc."
+    matches the tokens "Inc" "."), case-sensitively; only a surface with no case-sensitive match
+    falls back to a case-insensitive one (headings repeat names in capitals, and the model must
+    list those mentions itself).  Every still-untagged occurrence is tagged, longest surfaces
+    first.  IOB1 uses ``I-`` everywhere except ``B-`` for an entity that directly follows another
+    of the same type.  Returns ``(tags, unmatched)``: ``unmatched`` counts claimed entities that
+    occur nowhere in the sentence; they are false positives the tags cannot show.  A claim whose
+    occurrences were all taken by other claims is redundant, not hallucinated, and is not counted.
+    """
+    tags = ["O"] * len(tokens)
+    entity_ids = [-1] * len(tokens)
     unmatched = 0
     ordered = sorted(dict.fromkeys(entities), key=lambda pair: -len("".join(pair[1].split())))
     for entity_number, (kind, surface) in enumerate(ordered):
-        needle = "".join(surface.lower().split())
-        found = False
-        position = joined.find(needle) if needle else -1
-        while position >= 0:
-            first, last = starts.get(position), ends.get(position + len(needle))
-            if first is not None and last is not None and last >= first \
-                    and all(tag == "O" for tag in tags[first:last + 1]):
+        runs = _token_runs(tokens, surface, str) or _token_runs(tokens, surface, str.lower)
+        if not runs:
+            unmatched += 1
+        for first, last in runs:
+            if all(tag == "O" for tag in tags[first:last + 1]):
                 for index in range(first, last + 1):
                     tags[index] = f"I-{kind}"
                     entity_ids[index] = entity_number
-                found = True
-            position = joined.find(needle, position + 1)
-        if not found:
-            unmatched += 1
     for index in range(1, len(tokens)):
         if (tags[index] != "O" and tags[index] == tags[index - 1]
                 and entity_ids[index] != entity_ids[index - 1]):
@@ -278,14 +292,15 @@ def _bertscore_backbone() -> tuple[Any, Any, int]:
         return _bertscore_model["tokenizer"], _bertscore_model["model"], _bertscore_model["max_length"]
 
 
-def _token_embeddings(texts: Sequence[str]) -> dict[str, Any]:
-    """L2-normalised layer-6 embeddings of each distinct text, [CLS]/[SEP]/padding removed."""
+def _token_embeddings(texts: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """Per distinct text: L2-normalised layer-6 embeddings of its tokens (padding removed) and a
+    boolean mask of the tokens that count in the averages (all but [CLS]/[SEP])."""
     import torch
 
     tokenizer, model, max_length = _bertscore_backbone()
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id}
     unique = sorted(set(texts), key=len, reverse=True)  # similar lengths per batch: less padding
-    out: dict[str, Any] = {}
+    out: dict[str, tuple[Any, Any]] = {}
     with torch.inference_mode():
         for begin in range(0, len(unique), BERTSCORE_BATCH_SIZE):
             batch = unique[begin:begin + BERTSCORE_BATCH_SIZE]
@@ -294,20 +309,21 @@ def _token_embeddings(texts: Sequence[str]) -> dict[str, Any]:
             hidden = model(**encoded, output_hidden_states=True).hidden_states[BERTSCORE_LAYER]
             hidden = torch.nn.functional.normalize(hidden, dim=-1)
             for row, text in enumerate(batch):
-                ids = encoded["input_ids"][row]
-                keep = encoded["attention_mask"][row].bool()
+                present = encoded["attention_mask"][row].bool()
+                ids = encoded["input_ids"][row][present]
+                weighted = torch.ones_like(ids, dtype=torch.bool)
                 for token_id in special:
-                    keep &= ids != token_id
-                out[text] = hidden[row][keep].numpy()
+                    weighted &= ids != token_id
+                out[text] = (hidden[row][present].numpy(), weighted.numpy())
     return out
 
 
 def bertscore_f1(candidates: Sequence[str], references: Sequence[str]) -> list[float]:
     """BERTScore F1 per (candidate, reference) pair, in [0, 1].
 
-    Greedy matching: precision = mean over candidate tokens of the best cosine with a reference
-    token, recall the converse, F1 their harmonic mean.  An empty candidate or reference scores
-    0.0 (bert-score does the same for empty candidates).  Values are clipped to [0, 1] to absorb
+    Greedy matching: precision = mean over the candidate's word pieces of the best cosine with any
+    reference token, recall the converse, F1 their harmonic mean.  An empty candidate or reference
+    scores 0.0 (bert-score does the same for empty candidates).  Values are clipped to [0, 1] to absorb
     float rounding.
     """
     if len(candidates) != len(references):
@@ -317,13 +333,13 @@ def bertscore_f1(candidates: Sequence[str], references: Sequence[str]) -> list[f
     embeddings = _token_embeddings(list(candidates) + list(references))
     scores: list[float] = []
     for candidate, reference in zip(candidates, references):
-        cand, ref = embeddings[candidate], embeddings[reference]
-        if len(cand) == 0 or len(ref) == 0:
+        (cand, cand_weighted), (ref, ref_weighted) = embeddings[candidate], embeddings[reference]
+        if not cand_weighted.any() or not ref_weighted.any():
             scores.append(0.0)
             continue
         similarity = cand @ ref.T
-        precision = float(similarity.max(axis=1).mean())
-        recall = float(similarity.max(axis=0).mean())
+        precision = float(similarity.max(axis=1)[cand_weighted].mean())
+        recall = float(similarity.max(axis=0)[ref_weighted].mean())
         f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         scores.append(min(1.0, max(0.0, f1)))
     return scores

@@ -1,0 +1,165 @@
+"""``routenlp``: the offline commands around the proxy plugin.
+
+    routenlp export-encoder   [--out artifacts/encoder]
+    routenlp build-artifacts  [--artifacts artifacts] [--router]
+    routenlp label            --config proxy_config.yaml --task banking77 [--split train] [--limit N] --out F.jsonl
+    routenlp train            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--mode frozen|finetune]
+    routenlp calibrate        --data F.jsonl --portfolio P.yaml [--router DIR] [--alpha 0.05] --out thresholds.json
+
+Heavy dependencies (torch, transformers, scikit-learn) are imported only by the command that needs
+them, so ``routenlp --help`` and the proxy stay light.  Errors are printed as one line naming the
+argument or file, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+DEMO_TASKS = ("banking77", "clinc150", "bitext")
+DEMO_PORTFOLIO = Path("artifacts/portfolio.yaml")
+
+
+def _cmd_export_encoder(args: argparse.Namespace) -> int:
+    from coopt.export_encoder import export_encoder
+
+    out = export_encoder(args.out)
+    print(f"encoder written to {out}")
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from coopt.label import label_task
+
+    count = label_task(args.config, args.task, args.split, args.limit, args.out, seed=args.seed,
+                       concurrency=args.concurrency, max_tokens=args.max_tokens)
+    print(f"labelled {count} new queries -> {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from coopt.allpairs import load_portfolio, read_allpairs
+    from coopt.train_router import train_router
+
+    portfolio = load_portfolio(args.portfolio)
+    records = [record for path in args.data for record in read_allpairs(path, portfolio)]
+    report = train_router(records, portfolio, args.out, mode=args.mode, encoder_dir=args.encoder,
+                          seed=args.seed, epochs=args.epochs)
+    print(report)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibration.calibrate import calibrate
+    from coopt.allpairs import load_portfolio
+
+    result = calibrate(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
+                       alpha=args.alpha, n_calib=args.n, out_path=args.out)
+    _print_thresholds(result)
+    return 0
+
+
+def _print_thresholds(result: dict) -> None:
+    print(f"{'tier':<5} {'task':<14} {'n':>5} {'delta':>8} {'violation':>9}  wilson_95")
+    for tier, per_task in result.get("thresholds", {}).items():
+        for task, entry in per_task.items():
+            delta = entry.get("delta")
+            ci = entry.get("wilson_95") or [float("nan"), float("nan")]
+            print(f"{tier:<5} {task:<14} {entry.get('n', 0):>5} "
+                  f"{'-' if delta is None else f'{delta:.4f}':>8} {entry.get('violation', float('nan')):>9.4f}"
+                  f"  [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
+def _cmd_build_artifacts(args: argparse.Namespace) -> int:
+    """Build what is missing; ``--router`` also relabels, retrains and recalibrates the demo router."""
+    artifacts = Path(args.artifacts)
+    encoder_dir = artifacts / "encoder"
+    if not (encoder_dir / "encoder.json").is_file():
+        from coopt.export_encoder import export_encoder
+
+        print("exporting the MiniLM encoder to ONNX ...", flush=True)
+        export_encoder(encoder_dir)
+    from routenlp_standins.build import build_all
+
+    build_all(artifacts, tasks=DEMO_TASKS)
+    if args.router:
+        from coopt.demo_router import build_demo_router
+
+        build_demo_router(artifacts, config_path=args.config, per_task=args.per_task)
+    missing = [p for p in (artifacts / "router" / "router.json", artifacts / "thresholds.json") if not p.exists()]
+    if missing:
+        print("missing: " + ", ".join(map(str, missing)) + " (run `make router`)", file=sys.stderr)
+        return 2
+    print("artifacts ready")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="routenlp", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export-encoder", help="export all-MiniLM-L6-v2 to ONNX fp32 + int8")
+    p.add_argument("--out", default="artifacts/encoder")
+    p.set_defaults(func=_cmd_export_encoder)
+
+    p = sub.add_parser("build-artifacts", help="build the default artifacts that are missing")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--config", default="proxy_config.yaml")
+    p.add_argument("--router", action="store_true", help="also relabel + retrain + recalibrate the demo router")
+    p.add_argument("--per-task", type=int, default=300, help="queries labelled per task for --router")
+    p.set_defaults(func=_cmd_build_artifacts)
+
+    p = sub.add_parser("label", help="answer queries with every tier of a proxy config and score them")
+    p.add_argument("--config", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_label)
+
+    p = sub.add_parser("train", help="train the task-conditioned router on all-pairs data")
+    p.add_argument("--data", action="append", required=True, help="all-pairs JSONL (repeatable)")
+    p.add_argument("--portfolio", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", choices=["frozen", "finetune"], default="frozen")
+    p.add_argument("--encoder", default="artifacts/encoder")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="fit conformal cascade thresholds delta[tier][task]")
+    p.add_argument("--data", required=True)
+    p.add_argument("--portfolio", required=True)
+    p.add_argument("--router", default=None, help="router artifact: fit on the queries that reach each tier")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--n", type=int, default=500, help="calibration queries per task")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_calibrate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        status = args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"routenlp {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"({args.command} took {time.perf_counter() - started:.1f}s)", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
