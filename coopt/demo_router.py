@@ -27,7 +27,7 @@ def is_calibration_id(query_id: str, fraction: float = 0.4) -> bool:
 
 
 def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_config.yaml",
-                      per_task: int = 300, seed: int = 0) -> None:
+                      per_task: int = 250, seed: int = 0) -> None:
     from calibration.calibrate import calibrate
     from coopt.allpairs import load_portfolio, read_allpairs, write_allpairs
     from coopt.train_router import train_router
@@ -42,8 +42,8 @@ def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_co
     train_part = [r for r in records if not is_calibration_id(r.id)]
     calib_part = [r for r in records if is_calibration_id(r.id)]
     train_path, calib_path = labels_dir / "demo_train.jsonl", labels_dir / "demo_calibration.jsonl"
-    write_allpairs(train_path, train_part)
-    write_allpairs(calib_path, calib_part)
+    write_allpairs(train_part, train_path)
+    write_allpairs(calib_part, calib_path)
     report = train_router(train_part, portfolio, artifacts / "router", mode="frozen",
                           encoder_dir=artifacts / "encoder", seed=seed)
     print(report)

@@ -38,14 +38,15 @@ def register_custom_providers(document: dict[str, Any]) -> None:
     custom_llm_setup()
 
 
-def tier_router(config_path: str | Path, alias: Optional[str] = None) -> tuple[Any, list[str]]:
-    """A litellm.Router with one model group per tier (``T1``..``TK``), built from the proxy config."""
+def tier_router(config_path: str | Path, alias: Optional[str] = None) -> tuple[Any, list[str], dict[str, Optional[set[str]]]]:
+    """A litellm.Router with one model group per tier (``T1``..``TK``), built from the proxy config,
+    and the tasks each tier serves (``model_info.routenlp_tasks``; None = every task)."""
     import litellm
 
     document = read_yaml(Path(config_path))
     register_custom_providers(document)
     alias = alias or (document.get("routenlp_settings") or {}).get("model_alias", "routenlp")
-    model_list, names = [], set()
+    model_list, names, served = [], set(), {}
     for deployment in document.get("model_list") or []:
         if deployment.get("model_name") != alias:
             continue
@@ -54,10 +55,13 @@ def tier_router(config_path: str | Path, alias: Optional[str] = None) -> tuple[A
             raise ValueError(f"{config_path}: `{alias}` deployment without an integer model_info.routenlp_tier")
         name = f"T{tier}"
         names.add(name)
+        tasks = (deployment.get("model_info") or {}).get("routenlp_tasks")
+        served[name] = None if tasks is None else set(tasks)
         model_list.append({**deployment, "model_name": name})
     if not model_list:
         raise ValueError(f"{config_path}: no deployments named `{alias}`")
-    return litellm.Router(model_list=model_list, num_retries=0), sorted(names, key=lambda n: int(n[1:]))
+    return (litellm.Router(model_list=model_list, num_retries=0), sorted(names, key=lambda n: int(n[1:])),
+            served)
 
 
 async def _ask(router: Any, tier: str, example: Any, max_tokens: int) -> dict[str, Any]:
@@ -95,10 +99,10 @@ async def label_examples(config_path: str | Path, examples: Sequence[Any], out_p
     """Label ``examples`` (coopt.tasks.TaskExample) with every tier; append to ``out_path``. Returns count."""
     from tqdm.auto import tqdm
 
-    from coopt.allpairs import append_allpairs
+    from coopt.allpairs import append_allpairs, parse_record
     from coopt.tasks import get_task
 
-    router, tiers = tier_router(config_path)
+    router, tiers, served = tier_router(config_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out)
@@ -113,13 +117,19 @@ async def label_examples(config_path: str | Path, examples: Sequence[Any], out_p
             spec = get_task(example.task)
             results = {}
             for tier in tiers:
+                if served[tier] is not None and example.task not in served[tier]:
+                    # the proxy never sends this task to this tier: recorded as unusable, not called
+                    results[tier] = {"output": None, "quality": 0.0, "cost_usd": 0.0, "latency_ms": 0.0,
+                                     "uncertainty": None,
+                                     "error": f"not served: model_info.routenlp_tasks excludes {example.task}"}
+                    continue
                 result = await _ask(router, tier, example, max_tokens)
                 if result.get("error") is None:
                     result["quality"] = float(spec.score(result["output"], example.reference))
                 results[tier] = result
             record = {"id": example.id, "task": example.task, "prompt": example.text,
                       "reference": example.reference, "tiers": results}
-            append_allpairs(out, [record])
+            append_allpairs([parse_record(record, f"{out} (new record {example.id})")], out)
             written += 1
             bar.update(1)
 

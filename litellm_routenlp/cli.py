@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--config", default="proxy_config.yaml")
     p.add_argument("--router", action="store_true", help="also relabel + retrain + recalibrate the demo router")
-    p.add_argument("--per-task", type=int, default=300, help="queries labelled per task for --router")
+    p.add_argument("--per-task", type=int, default=250, help="queries labelled per task for --router")
     p.set_defaults(func=_cmd_build_artifacts)
 
     p = sub.add_parser("label", help="answer queries with every tier of a proxy config and score them")

@@ -28,6 +28,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
 from .config import RouteNLPSettings, SettingsError, load_settings
 from .decision_log import DecisionLog
+from .pricing import price_usage
 from .request_fields import RequestError, forwarded_params, query_text, resolve_task, validate_request
 from .router_model import RouterArtifactError, RouterModel
 from .routing import RoutingDecision, choose_tier
@@ -237,20 +238,30 @@ class RouteNLPCallback(CustomLogger):
         return by_tier[tier]
 
     # ------------------------------------------------------------------ 3. cascade
+    def _deployment_part(self, model_id: str, part: str) -> dict[str, Any]:
+        """``model_info`` or ``litellm_params`` of a deployment, as a plain dict ({} if unknown)."""
+        try:
+            deployment = self.llm_router.get_deployment(model_id=model_id)
+        except Exception:
+            return {}
+        if deployment is None:
+            return {}
+        value = getattr(deployment, part, None) if not isinstance(deployment, dict) else deployment.get(part)
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return value
+        return value.model_dump() if hasattr(value, "model_dump") else dict(value)
+
+    def _litellm_params(self, model_id: str) -> dict[str, Any]:
+        return self._deployment_part(model_id, "litellm_params")
+
     def _tier_of_response(self, response: Any) -> tuple[Optional[int], Optional[str]]:
         hidden = getattr(response, "_hidden_params", None) or {}
         model_id = hidden.get("model_id")
         if model_id is None:
             return None, None
-        try:
-            deployment = self.llm_router.get_deployment(model_id=model_id)
-        except Exception:
-            deployment = None
-        info = {}
-        if deployment is not None:
-            info = deployment.model_info if hasattr(deployment, "model_info") else deployment.get("model_info", {})
-            info = info if isinstance(info, dict) else dict(info)
-        tier = info.get("routenlp_tier")
+        tier = self._deployment_part(model_id, "model_info").get("routenlp_tier")
         return (tier if isinstance(tier, int) else None), model_id
 
     @staticmethod
@@ -388,7 +399,11 @@ class RouteNLPCallback(CustomLogger):
         started = time.perf_counter()
         buffered = await collect_stream(stream)
         first = self._answer(buffered.response, (time.perf_counter() - started) * 1000.0, decision.get("tier"))
-        first.cost_usd = buffered.cost_usd if buffered.cost_usd is not None else first.cost_usd
+        if buffered.cost_usd is not None:
+            first.cost_usd = buffered.cost_usd
+        elif first.model_id is not None:
+            priced = price_usage(self._litellm_params(first.model_id), buffered.usage)
+            first.cost_usd = priced if priced is not None else first.cost_usd
         result = await self._cascade(data, state, first)
         self._finish(data, state, result, streamed=True)
         if result.final is first:

@@ -13,6 +13,7 @@ class BufferedStream:
     chunks: list[Any] = field(default_factory=list)
     response: Any = None               # the chunks assembled into one ModelResponse
     cost_usd: Optional[float] = None
+    usage: Any = None                  # token usage from the stream's last chunk that carried one
 
 
 def _logprob_items(choice: Any) -> list[Any]:
@@ -39,6 +40,8 @@ async def collect_stream(stream: Any) -> BufferedStream:
             logprob_items.extend(_logprob_items(choice))
             finish_reason = getattr(choice, "finish_reason", None) or finish_reason
         hidden.update(getattr(chunk, "_hidden_params", None) or {})
+        if getattr(chunk, "usage", None) is not None:
+            buffered.usage = chunk.usage
     hidden.update(getattr(stream, "_hidden_params", None) or {})
     response = ModelResponse(choices=[{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                        "finish_reason": finish_reason or "stop"}])

@@ -1,0 +1,182 @@
+"""End to end through the real ``litellm --config ...`` proxy process, with the real local tiers.
+
+One proxy for the whole module (start-up ~15-30 s).  Its config is proxy_config.yaml with a private
+decision log and a thresholds file whose delta[T2][bitext] sits inside the range of SmolLM2's real
+uncertainties, so both branches of the cascade rule are exercised by real logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from litellm_routenlp.decision_log import read_decisions
+from litellm_routenlp.proxy_process import ProxyProcess
+
+pytestmark = pytest.mark.proxy
+
+ROOT = Path(__file__).resolve().parent.parent
+# Real bitext instructions (test split); SmolLM2's uncertainty on them straddles PROBE_DELTA.
+PROBE_DELTA = 0.35
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    work = tmp_path_factory.mktemp("proxy")
+    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
+    thresholds = json.loads((ROOT / "artifacts/thresholds.json").read_text())
+    thresholds["thresholds"].setdefault("T2", {})["bitext"] = {"delta": PROBE_DELTA, "n": 0, "note": "test probe"}
+    thresholds["thresholds"].setdefault("T3", {})["bitext"] = {"delta": 1.0, "n": 0, "note": "never escalates"}
+    (work / "thresholds.json").write_text(json.dumps(thresholds))
+    settings = document["routenlp_settings"]
+    settings["router_artifact"] = str(ROOT / "artifacts/router")
+    settings["thresholds_path"] = str(work / "thresholds.json")
+    settings["decision_log_path"] = str(work / "decisions.jsonl")
+    config = work / "proxy_config.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
+                           env={"ROUTENLP_ARTIFACTS_DIR": str(ROOT / "artifacts")})
+    process.start(timeout=240)
+    process.decision_log = work / "decisions.jsonl"
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(proxy):
+    from openai import OpenAI
+
+    return OpenAI(base_url=proxy.base_url, api_key=proxy.master_key, timeout=300, max_retries=0)
+
+
+def ask(client, text, task=None, **kwargs):
+    metadata = {"task": task} if task is not None else None
+    raw = client.chat.completions.with_raw_response.create(
+        model="routenlp", messages=[{"role": "user", "content": text}], metadata=metadata,
+        max_tokens=kwargs.pop("max_tokens", 40), **kwargs)
+    return raw.parse(), raw.headers
+
+
+def records_by_id(proxy):
+    return {record["request_id"]: record for record in read_decisions(proxy.decision_log)}
+
+
+def parse_path(headers):
+    return headers["x-routenlp-path"].split(",")
+
+
+def test_intent_queries_are_served_by_the_classifier_when_it_is_confident(client):
+    completion, headers = ask(client, "I am still waiting on my card?", task="banking77")
+    assert headers["x-routenlp-task"] == "banking77"
+    assert parse_path(headers)[0] in {"T1", "T2", "T3", "T4"}
+    assert completion.choices[0].message.content
+
+
+def test_chosen_tier_depends_on_query_and_task(client, proxy):
+    from coopt.tasks import get_task
+
+    routed = {}
+    for task in ("banking77", "bitext"):
+        for example in get_task(task).load("test", limit=8, seed=3):
+            _, headers = ask(client, example.text, task=task)
+            routed.setdefault(task, []).append(parse_path(headers)[0])
+    # T1 is a classifier: never chosen for generation, and the router uses it for intents.
+    assert "T1" not in routed["bitext"]
+    assert "T1" in routed["banking77"]
+    records = list(read_decisions(proxy.decision_log))
+    probabilities = {json.dumps(r["router"]["probabilities"]) for r in records if r.get("task") == "banking77"}
+    assert len(probabilities) > 1, "router probabilities should vary with the query"
+    first_tiers = {task: set(tiers) for task, tiers in routed.items()}
+    assert first_tiers["banking77"] != first_tiers["bitext"]
+
+
+def test_cascade_fires_iff_uncertainty_exceeds_delta_with_real_smollm2_logprobs(client, proxy):
+    from coopt.tasks import get_task
+
+    fired = kept = 0
+    for example in get_task("bitext").load("test", limit=30, seed=11):
+        _, headers = ask(client, example.text, task="bitext")
+        path = parse_path(headers)
+        if path[0] != "T2":
+            continue
+        u_first = float(headers["x-routenlp-uncertainty"].split(",")[0])
+        if u_first > PROBE_DELTA:
+            assert len(path) >= 2 and path[1] in {"T3", "T4"}, (u_first, path)
+            fired += 1
+        else:
+            assert path == ["T2"], (u_first, path)
+            kept += 1
+        if fired and kept:
+            break
+    assert fired and kept, f"expected both branches, got fired={fired} kept={kept}"
+
+
+def test_headers_cost_and_decision_log_agree(client, proxy):
+    completion, headers = ask(client, "how do i get a refund for an order i never received", task="bitext")
+    call_id = headers.get("x-litellm-call-id")
+    record = records_by_id(proxy)[call_id]
+    attempts = [a for a in record["attempts"] if a["error"] is None]
+    assert [a["tier_name"] for a in attempts] == parse_path(headers)
+    assert headers["x-routenlp-tier"] == record["final_tier"] == attempts[-1]["tier_name"]
+    total = float(headers["x-routenlp-total-cost"])
+    assert total == pytest.approx(sum(a["cost_usd"] for a in record["attempts"]), rel=1e-6, abs=1e-12)
+    assert total > 0
+    header_us = [float(u) for u in headers["x-routenlp-uncertainty"].split(",")]
+    assert header_us == pytest.approx([a["uncertainty"] for a in attempts], abs=1e-4)
+    for attempt in attempts[:-1]:
+        assert attempt["escalated"] and attempt["uncertainty"] > attempt["threshold"]
+    assert record["prompt"].startswith("how do i get a refund")
+    assert math.isclose(sum(record["router"]["probabilities"].values()), 1.0, rel_tol=1e-4)
+    # the client did not ask for logprobs: they are stripped
+    assert completion.choices[0].logprobs is None
+
+
+def test_streaming_request_gets_the_complete_answer(client, proxy):
+    text = "I need to change the shipping address of my order"
+    _, plain_headers = ask(client, text, task="bitext")
+    plain = records_by_id(proxy)
+    raw = client.chat.completions.with_raw_response.create(
+        model="routenlp", messages=[{"role": "user", "content": text}], metadata={"task": "bitext"},
+        max_tokens=40, stream=True)
+    headers = raw.headers
+    pieces, finish = [], None
+    for chunk in raw.parse():
+        for choice in chunk.choices:
+            if choice.delta and choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    streamed = "".join(pieces)
+    assert streamed.strip(), "stream carried no text"
+    assert finish is not None
+    assert headers["x-routenlp-path"] == plain_headers["x-routenlp-path"]
+    # greedy tiers: the buffered stream replays the same final answer as the non-streaming call
+    completion, _ = ask(client, text, task="bitext")
+    assert streamed == completion.choices[0].message.content
+    streamed_records = [r for r in read_decisions(proxy.decision_log) if r.get("stream")]
+    assert streamed_records and streamed_records[-1]["final_tier"] == headers["x-routenlp-tier"]
+    assert len(plain) >= 1
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n > 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "metadata": {"task": 5}}, "metadata.task"),
+    ({"messages": [{"role": "user", "content": "   "}], "metadata": {"task": "bitext"}}, "must contain text"),
+])
+def test_bad_requests_get_a_400_with_a_message(client, body, fragment):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="routenlp", **body)
+    assert fragment in str(info.value)
+
+
+def test_unknown_task_is_routed_with_the_task_agnostic_embedding(client, proxy):
+    _, headers = ask(client, "summarise this: the meeting moved to friday", task="poetry_review")
+    record = records_by_id(proxy)[headers["x-litellm-call-id"]]
+    assert record["task_status"] == "unknown"
+    assert parse_path(headers) == [headers["x-routenlp-tier"]]  # no thresholds for unknown tasks
