@@ -1,0 +1,237 @@
+"""Fit the cascade thresholds delta[tier][task] on calibration queries and write thresholds JSON.
+
+Exchangeability only holds for the queries that actually reach a tier: the router sends harder
+queries to higher tiers, so a threshold fitted on all queries under-covers the routed ones
+(DESIGN §3).  With a router artifact, the cascade is replayed in cost order exactly as the proxy
+runs it: each calibration query starts at the tier the router picks (``routing.choose_tier`` with
+the proxy's ``route_confidence``); tier k's threshold is fitted on the queries that reach k (routed
+there, or escalated there because u > delta at the tier below), and the queries it escalates move
+on to k + 1.  Without a router every tier is fitted on all calibration queries of the task.
+
+Output (read by :mod:`litellm_routenlp.thresholds`)::
+
+    {"format_version": 1, "alpha": 0.05, "rule": "risk", "route_confidence": 0.5,
+     "data_sha256": "...", "router_artifact": "..." | null, "created": "...",
+     "thresholds": {"T1": {"banking77": {"delta": 0.31, "n": 480, "n_correct": 450,
+                                         "violation": 0.041, "wilson_95": [0.025, 0.065]}}, ...}}
+
+``violation`` is Pr[q < tau and u <= delta] on the queries that reached the tier (in-sample); the
+top tier is listed with ``delta: null`` (it never escalates) and its plain error rate.  A cell that
+cannot be certified (too few queries for alpha) gets delta = 0.0: escalate everything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from calibration.conformal import (ESCALATE_ALL_DELTA, InsufficientCalibrationError, fit_delta, fit_delta_risk,
+                                   violation_rate, wilson_interval)
+from coopt.allpairs import (AllPairsRecord, Portfolio, data_sha256, load_portfolio, read_allpairs,
+                            records_sha256, tier_values)
+from litellm_routenlp.routing import choose_tier
+
+FORMAT_VERSION = 1
+MIN_QUERIES_WARNING = 100
+RULES = ("risk", "coverage")
+PathLike = Union[str, os.PathLike[str]]
+logger = logging.getLogger(__name__)
+
+
+def select_calibration_queries(records: Sequence[AllPairsRecord], n_calib: int, seed: int = 0) -> list[AllPairsRecord]:
+    """Up to ``n_calib`` records per task, a seeded random sample (all of them when fewer)."""
+    rng = np.random.default_rng(seed)
+    chosen: list[AllPairsRecord] = []
+    for task in sorted({record.task for record in records}):
+        rows = [record for record in records if record.task == task]
+        order = rng.permutation(len(rows))[:n_calib]
+        chosen.extend(rows[i] for i in sorted(order))
+    return chosen
+
+
+def router_start_tiers(records: Sequence[AllPairsRecord], router: Any, route_confidence: float = 0.5) -> np.ndarray:
+    """0-based tier the router sends each record to, decided as the proxy decides it."""
+    probabilities = router.predict_proba([record.prompt for record in records], [record.task for record in records])
+    every_tier = list(range(1, probabilities.shape[1] + 1))
+    return np.array([choose_tier(row, every_tier, route_confidence)[0] - 1 for row in probabilities], dtype=np.int64)
+
+
+def _escalated(u: np.ndarray, delta: Optional[float]) -> np.ndarray:
+    """Which answers the proxy escalates: u > delta; no uncertainty means no escalation (trust_router)."""
+    if delta is None:
+        return np.zeros(len(u), dtype=bool)
+    return ~np.isnan(u) & (u > delta)
+
+
+def _cell(u: np.ndarray, q: np.ndarray, tau: float, delta: Optional[float]) -> dict[str, Any]:
+    n = len(u)
+    violation = violation_rate(list(u), list(q), tau, delta) if n else 0.0
+    low, high = wilson_interval(round(violation * n), n)
+    return {"delta": delta, "n": int(n), "n_correct": int(np.sum(q >= tau)),
+            "violation": round(violation, 6), "wilson_95": [round(low, 6), round(high, 6)]}
+
+
+def check_not_degenerate(u: np.ndarray, q: np.ndarray, tau: float, tier: str, task: str) -> None:
+    """Refuse data no threshold can be fitted on, whatever the routing: say which tier and task."""
+    where = f"tier {tier}, task {task}"
+    usable = ~np.isnan(u)
+    if not usable.any():
+        raise ValueError(f"calibration {where}: every uncertainty is null; this tier returns no logprobs, "
+                         "so no threshold can be fitted (serve it with a no-logprobs policy instead)")
+    if not np.any(q[usable] >= tau):
+        raise ValueError(f"calibration {where}: no correctly handled query (quality >= {tau}) among {len(u)}; "
+                         "the tier never meets the task's bar, remove it from the task or relabel")
+
+
+def _fit_cell(u: np.ndarray, q: np.ndarray, tau: float, alpha: float, rule: str, tier: str, task: str) -> float:
+    """delta for the queries reaching (tier, task); escalate-all (0.0) when it cannot be certified."""
+    where = f"tier {tier}, task {task}"
+    if len(u) < MIN_QUERIES_WARNING:
+        message = (f"calibration {where}: only {len(u)} queries reach this tier "
+                   f"(< {MIN_QUERIES_WARNING}); the threshold is loose")
+        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
+    usable = ~np.isnan(u)
+    if np.any(~usable):
+        logger.warning("calibration %s: %d queries without uncertainty are kept, not thresholded", where,
+                       int(np.sum(~usable)))
+    try:
+        if rule == "risk":
+            return fit_delta_risk(list(u), list(q), tau, alpha)
+        return fit_delta(list(u), list(q >= tau), alpha)
+    except InsufficientCalibrationError as error:
+        message = f"calibration {where}: {error}; escalating everything (delta = {ESCALATE_ALL_DELTA})"
+        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
+        return ESCALATE_ALL_DELTA
+
+
+def fit_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio, start_tiers: Optional[np.ndarray] = None,
+                   alpha: float = 0.05, rule: str = "risk") -> dict[str, dict[str, dict[str, Any]]]:
+    """The ``thresholds`` mapping: per tier, per task, delta and its in-sample diagnostics.
+
+    ``start_tiers`` (0-based, one per record) replays the routed cascade; None fits every tier on
+    every record of the task.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    names = portfolio.tier_names
+    quality = tier_values(records, names, "quality")
+    uncertainty = tier_values(records, names, "uncertainty")
+    tasks = np.array([record.task for record in records])
+    thresholds: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in names}
+    for task in sorted(set(tasks.tolist())):
+        rows = np.nonzero(tasks == task)[0]
+        tau = portfolio.tau(task)
+        for k, name in enumerate(names[:-1]):
+            check_not_degenerate(uncertainty[rows, k], quality[rows, k], tau, name, task)
+        reach = np.ones(len(rows), dtype=bool) if start_tiers is None else (start_tiers[rows] == 0)
+        for k, name in enumerate(names):
+            u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
+            top = k == len(names) - 1
+            delta = None if top else _fit_cell(u, q, tau, alpha, rule, name, task)
+            thresholds[name][task] = _cell(u, q, tau, delta)
+            if top:
+                break
+            if start_tiers is None:
+                continue
+            escalated = np.zeros(len(rows), dtype=bool)
+            escalated[np.nonzero(reach)[0][_escalated(u, delta)]] = True
+            reach = escalated | (start_tiers[rows] == k + 1)
+    return thresholds
+
+
+def evaluate_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio,
+                        deltas: dict[str, dict[str, Optional[float]]],
+                        start_tiers: Optional[np.ndarray] = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Replay fixed thresholds on (held-out) records: per tier and task, n, violation, Wilson 95%.
+
+    Same reach logic as :func:`fit_thresholds`; a missing delta means the tier never escalates.
+    """
+    names = portfolio.tier_names
+    quality = tier_values(records, names, "quality")
+    uncertainty = tier_values(records, names, "uncertainty")
+    tasks = np.array([record.task for record in records])
+    report: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in names}
+    for task in sorted(set(tasks.tolist())):
+        rows = np.nonzero(tasks == task)[0]
+        tau = portfolio.tau(task)
+        reach = np.ones(len(rows), dtype=bool) if start_tiers is None else (start_tiers[rows] == 0)
+        for k, name in enumerate(names):
+            delta = None if k == len(names) - 1 else deltas.get(name, {}).get(task)
+            u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
+            report[name][task] = _cell(u, q, tau, delta)
+            if start_tiers is not None:
+                escalated = np.zeros(len(rows), dtype=bool)
+                escalated[np.nonzero(reach)[0][_escalated(u, delta)]] = True
+                reach = escalated | (start_tiers[rows] == k + 1)
+    return report
+
+
+def deltas_of(document: dict[str, Any]) -> dict[str, dict[str, Optional[float]]]:
+    """delta per tier and task from a thresholds document (as written by :func:`calibrate`)."""
+    return {tier: {task: cell["delta"] for task, cell in per_task.items()}
+            for tier, per_task in document["thresholds"].items()}
+
+
+def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfolio: Union[Portfolio, PathLike],
+              router_artifact: Optional[Union[PathLike, Any]] = None, alpha: float = 0.05, n_calib: int = 500,
+              out_path: Optional[PathLike] = None, rule: str = "risk", route_confidence: float = 0.5,
+              seed: int = 0, encoder_dir: Optional[PathLike] = None, router_quantized: bool = True) -> dict[str, Any]:
+    """Fit delta[tier][task] on up to ``n_calib`` calibration queries per task; write ``out_path``.
+
+    ``router_artifact`` is the directory ``routenlp train`` wrote, or an already loaded
+    :class:`~litellm_routenlp.router_model.RouterModel` (anything with ``tiers`` and
+    ``predict_proba(texts, tasks)``).  The records must not have been used to train the router.  ``rule="risk"`` (default) controls
+    the violation rate Pr[q < tau and u <= delta] <= alpha (conformal risk control);
+    ``rule="coverage"`` is DESIGN §3's quantile of correct answers' uncertainties, which bounds
+    needless escalations of correct answers instead (see :mod:`calibration.conformal`).
+    ``router_quantized`` should match the proxy's ``router_quantized`` so the replayed routing is
+    the served one.  Returns the document written.
+    """
+    if not isinstance(portfolio, Portfolio):
+        portfolio = load_portfolio(portfolio)
+    if isinstance(allpairs_path, (str, os.PathLike)):
+        records, data_hash = read_allpairs(allpairs_path, portfolio), data_sha256(allpairs_path)
+    else:
+        records = list(allpairs_path)
+        data_hash = records_sha256(records)
+    if not records:
+        raise ValueError("no calibration records")
+    chosen = select_calibration_queries(records, n_calib, seed)
+    start_tiers, router_name = None, None
+    if router_artifact is not None:
+        if isinstance(router_artifact, (str, os.PathLike)):
+            from litellm_routenlp.router_model import RouterModel
+
+            router = RouterModel.load(router_artifact, encoder_dir=encoder_dir, quantized=router_quantized)
+        else:
+            router = router_artifact  # an already loaded RouterModel (or one with the same interface)
+        router_name = str(getattr(router, "artifact_dir", router_artifact))
+        if list(router.tiers) != portfolio.tier_names:
+            raise ValueError(f"router {router_name} has tiers {router.tiers}, the portfolio {portfolio.tier_names}")
+        start_tiers = router_start_tiers(chosen, router, route_confidence)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "alpha": alpha,
+        "rule": rule,
+        "route_confidence": route_confidence if router_artifact is not None else None,
+        "data_sha256": data_hash,
+        "router_artifact": router_name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "thresholds": fit_thresholds(chosen, portfolio, start_tiers, alpha, rule),
+    }
+    if out_path is not None:
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = out.with_name(out.name + ".tmp")
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+        os.replace(temporary, out)
+    return document
