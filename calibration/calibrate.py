@@ -113,6 +113,20 @@ def _fit_cell(u: np.ndarray, q: np.ndarray, tau: float, alpha: float, rule: str,
         return ESCALATE_ALL_DELTA
 
 
+NOT_SERVED_PREFIX = "not served"
+
+
+def served_tiers(records: Sequence[AllPairsRecord], rows: np.ndarray, names: Sequence[str]) -> list[bool]:
+    """Whether each tier serves the task at all: a tier whose every answer is a ``not served`` error
+    (``model_info.routenlp_tasks`` excludes the task) is skipped by the proxy, so it is not part of the
+    task's cascade and gets no threshold; queries routed there go on to the next tier."""
+    out = []
+    for name in names:
+        errors = [records[i].tiers[name].error or "" for i in rows]
+        out.append(not all(error.startswith(NOT_SERVED_PREFIX) for error in errors))
+    return out
+
+
 def fit_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio, start_tiers: Optional[np.ndarray] = None,
                    alpha: float = 0.05, rule: str = "risk") -> dict[str, dict[str, dict[str, Any]]]:
     """The ``thresholds`` mapping: per tier, per task, delta and its in-sample diagnostics.
@@ -130,12 +144,18 @@ def fit_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
     for task in sorted(set(tasks.tolist())):
         rows = np.nonzero(tasks == task)[0]
         tau = portfolio.tau(task)
+        served = served_tiers(records, rows, names)
         for k, name in enumerate(names[:-1]):
-            check_not_degenerate(uncertainty[rows, k], quality[rows, k], tau, name, task)
+            if served[k]:
+                check_not_degenerate(uncertainty[rows, k], quality[rows, k], tau, name, task)
         reach = np.ones(len(rows), dtype=bool) if start_tiers is None else (start_tiers[rows] == 0)
         for k, name in enumerate(names):
-            u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
             top = k == len(names) - 1
+            if not served[k] and not top:
+                if start_tiers is not None:
+                    reach = reach | (start_tiers[rows] == k + 1)
+                continue
+            u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
             delta = None if top else _fit_cell(u, q, tau, alpha, rule, name, task)
             thresholds[name][task] = _cell(u, q, tau, delta)
             if top:
@@ -163,8 +183,13 @@ def evaluate_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio,
     for task in sorted(set(tasks.tolist())):
         rows = np.nonzero(tasks == task)[0]
         tau = portfolio.tau(task)
+        served = served_tiers(records, rows, names)
         reach = np.ones(len(rows), dtype=bool) if start_tiers is None else (start_tiers[rows] == 0)
         for k, name in enumerate(names):
+            if not served[k] and k < len(names) - 1:
+                if start_tiers is not None:
+                    reach = reach | (start_tiers[rows] == k + 1)
+                continue
             delta = None if k == len(names) - 1 else deltas.get(name, {}).get(task)
             u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
             report[name][task] = _cell(u, q, tau, delta)
