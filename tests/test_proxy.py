@@ -203,3 +203,19 @@ def test_unknown_task_is_routed_with_the_task_agnostic_embedding(client, proxy):
     # T1 and T2 are restricted to named tasks; no thresholds exist for an unknown task: no cascade
     assert parse_path(headers) == [headers["x-routenlp-tier"]]
     assert headers["x-routenlp-tier"] in {"T3", "T4"}
+
+
+def test_decision_log_is_readable_while_running_and_intact_after_kill_9(client, proxy):
+    """Runs last: every acknowledged request has its record, whole, after SIGKILL."""
+    import signal
+
+    acknowledged = []
+    for text in ("I lost my card", "how do i top up with apple pay", "what is the exchange rate"):
+        _, headers = ask(client, text, task="banking77")
+        acknowledged.append(headers["x-litellm-call-id"])
+    assert set(acknowledged) <= set(records_by_id(proxy))  # readable while the proxy runs
+    proxy.stop(sig=signal.SIGKILL)
+    records = list(read_decisions(proxy.decision_log, strict=True))  # no torn line
+    ids = {record["request_id"] for record in records}
+    assert set(acknowledged) <= ids
+    assert all(record.get("final_tier") for record in records if record["request_id"] in acknowledged)
