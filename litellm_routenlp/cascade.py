@@ -47,6 +47,7 @@ class CascadeResult:
     final: TierAnswer
     attempts: list[Attempt] = field(default_factory=list)
     escalation_error: Optional[str] = None
+    escalation_skipped: Optional[str] = None   # why a wanted escalation was not made (e.g. key budget)
 
     @property
     def total_cost_usd(self) -> float:
@@ -78,8 +79,13 @@ async def run_cascade(
     ask: Callable[[int], Awaitable[TierAnswer]],
     max_hops: int,
     no_logprobs_policy: str = "trust_router",
+    budget_usd: Optional[float] = None,
 ) -> CascadeResult:
-    """Escalate from ``first`` until an answer is confident enough, the top tier answers, or hops run out."""
+    """Escalate from ``first`` until an answer is confident enough, the top tier answers, or hops run out.
+
+    ``budget_usd`` is what the calling key may still spend: escalation calls do not pass through the
+    proxy's budget check, so the cascade stops itself once the cost so far has used that budget up.
+    """
     current = first
     result = CascadeResult(final=first)
     hops = 0
@@ -94,6 +100,9 @@ async def run_cascade(
             break
         target = next_tier_above(current.tier, await available_tiers())
         if target is None:
+            break
+        if budget_usd is not None and result.total_cost_usd >= budget_usd:
+            result.escalation_skipped = "key budget"
             break
         attempt.escalated = True
         hops += 1

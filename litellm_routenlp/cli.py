@@ -148,14 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a file, an artifact, an argument): one line, no traceback.
+
+    The artifact errors are RuntimeErrors of modules only some commands import; they can only have
+    been raised when their module is loaded, so they are looked up there (an except clause is
+    evaluated when an exception arrives, after the command ran).
+    """
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, KeyError]
+    for module, name in (("litellm_routenlp.router_model", "RouterArtifactError"),
+                         ("litellm_routenlp.encoder", "EncoderArtifactError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
+
+
+def _message(error: BaseException) -> str:
+    """The error's text; a plain KeyError's str() would wrap its message in quotes."""
+    if isinstance(error, KeyError) and type(error).__str__ is KeyError.__str__ and len(error.args) == 1:
+        return str(error.args[0])
+    return str(error)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
         status = args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"routenlp {args.command}: error: {error}", file=sys.stderr)
+    except _input_errors() as error:
+        print(f"routenlp {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
     print(f"({args.command} took {time.perf_counter() - started:.1f}s)", file=sys.stderr)
     return status

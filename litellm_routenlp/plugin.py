@@ -31,7 +31,7 @@ from .decision_log import DecisionLog
 from .pricing import price_usage
 from .request_fields import RequestError, forwarded_params, query_text, resolve_task, validate_request
 from .router_model import RouterArtifactError, RouterModel
-from .routing import RoutingDecision, choose_tier
+from .routing import RoutingDecision, choose_tier, healthy_fallback
 from .streaming import chunks_from_response, collect_stream
 from .thresholds import Thresholds, ThresholdsError
 from .uncertainty import response_uncertainty
@@ -202,6 +202,7 @@ class RouteNLPCallback(CustomLogger):
             "decision": decision.to_dict(),
             "client_logprobs": bool(data.get("logprobs")),
             "started": time.time(),
+            "budget_remaining_usd": remaining_budget(user_api_key_dict),
         }
         data["logprobs"] = True
         return data
@@ -215,6 +216,12 @@ class RouteNLPCallback(CustomLogger):
         metadata = kwargs.get("metadata")
         if not isinstance(metadata, dict):
             metadata = kwargs.get("litellm_metadata") if isinstance(kwargs.get("litellm_metadata"), dict) else {}
+        # A retry of this request must not land on a deployment that already failed it: LiteLLM retries
+        # 5xx on the same deployment until cooldown kicks in, which an outage of one tier makes certain.
+        failed = failed_deployment_ids(metadata)
+        if failed:
+            healthy_deployments = [d for d in healthy_deployments
+                                   if (d.get("model_info") or {}).get("id") not in failed]
         pinned = metadata.get(ESCALATION_KEY)
         if isinstance(pinned, int):
             return [d for d in healthy_deployments if TierTable.tier_of(d) == pinned]
@@ -232,10 +239,20 @@ class RouteNLPCallback(CustomLogger):
                 by_tier.setdefault(tier, []).append(deployment)
         if not by_tier:
             return healthy_deployments if decision.task is None else []
-        tier, reason = choose_tier(decision.probabilities, list(by_tier), self.settings.route_confidence)
-        decision.tier, decision.reason, decision.healthy_tiers = tier, reason, sorted(by_tier)
+        configured = [t for t in range(1, self.tiers.count + 1) if self.tiers.eligible(t, decision.task)]
+        wanted, reason = choose_tier(decision.probabilities, configured, self.settings.route_confidence)
+        tier = healthy_fallback(wanted, list(by_tier), self._fallback_direction(decision))
+        if tier != wanted:
+            reason += f"; T{wanted} unavailable, served by T{tier}"
+        decision.tier, decision.wanted_tier, decision.reason = tier, wanted, reason
+        decision.healthy_tiers = sorted(by_tier)
         state["decision"] = decision.to_dict()
         return by_tier[tier]
+
+    def _fallback_direction(self, decision: RoutingDecision) -> str:
+        """Outage policy: structured tasks fall back down (T1 + cascade), generation goes up."""
+        task_settings = self.settings.tasks.get(decision.task or "")
+        return "down" if task_settings is not None and task_settings.kind == "structured" else "up"
 
     # ------------------------------------------------------------------ 3. cascade
     def _deployment_part(self, model_id: str, part: str) -> dict[str, Any]:
@@ -298,12 +315,14 @@ class RouteNLPCallback(CustomLogger):
 
     async def _cascade(self, data: dict, state: dict, first: TierAnswer) -> CascadeResult:
         decision = RoutingDecision.from_dict(state["decision"])
+        remaining = state.get("budget_remaining_usd")
         return await run_cascade(
             first=first, task=decision.task if decision.task_status == "known" else None,
             thresholds=self.thresholds, tier_names=self.tier_names,
             available_tiers=lambda: self._healthy_tiers(decision.task),
             ask=lambda tier: self._escalate(data, state, tier, first),
-            max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy)
+            max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy,
+            budget_usd=remaining)
 
     def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool) -> None:
         """Remember the outcome for the headers hook and write the durable decision record."""
@@ -314,6 +333,7 @@ class RouteNLPCallback(CustomLogger):
             "uncertainties": [a.uncertainty for a in result.attempts if a.error is None],
             "total_cost_usd": result.total_cost_usd,
             "escalation_error": result.escalation_error,
+            "escalation_skipped": result.escalation_skipped,
         }
         record: dict[str, Any] = {
             "request_id": data.get("litellm_call_id"),
@@ -323,6 +343,7 @@ class RouteNLPCallback(CustomLogger):
             "router": {
                 "probabilities": dict(zip(self.tier_names.values(), decision.get("probabilities", []))),
                 "routed_tier": self.tier_names.get(decision.get("tier") or 0),
+                "wanted_tier": self.tier_names.get(decision.get("wanted_tier") or 0),
                 "reason": decision.get("reason"),
                 "healthy_tiers": [self.tier_names.get(t) for t in decision.get("healthy_tiers", [])],
                 "router_ms": decision.get("router_ms"),
@@ -332,6 +353,7 @@ class RouteNLPCallback(CustomLogger):
             "total_cost_usd": result.total_cost_usd,
             "total_latency_ms": (time.time() - state.get("started", time.time())) * 1000.0,
             "escalation_error": result.escalation_error,
+            "escalation_skipped": result.escalation_skipped,
             "stream": streamed,
             "key_alias": (data.get("metadata") or {}).get("user_api_key_alias"),
         }
@@ -375,6 +397,13 @@ class RouteNLPCallback(CustomLogger):
             "x-routenlp-total-cost": f"{outcome['total_cost_usd']:.8f}",
             "x-routenlp-task": str(state["decision"].get("task") or "-"),
         }
+        decision = state["decision"]
+        wanted, served = decision.get("wanted_tier"), decision.get("tier")
+        if wanted and served and wanted != served:
+            headers["x-routenlp-degraded"] = (f"{self.tier_names.get(wanted, wanted)} unavailable; "
+                                              f"served by {self.tier_names.get(served, served)}")
+        if outcome.get("escalation_skipped"):
+            headers["x-routenlp-escalation"] = f"skipped: {outcome['escalation_skipped']}"
         if outcome.get("escalation_error"):
             headers["x-routenlp-escalation"] = f"failed; previous answer returned ({outcome['escalation_error']})"[:500]
         if outcome.get("streaming_cascade") == "off":
@@ -444,6 +473,25 @@ class RouteNLPCallback(CustomLogger):
         }
         self.decision_log.append(record)
         return None
+
+
+def failed_deployment_ids(metadata: dict[str, Any]) -> set[str]:
+    """Deployments that already failed this request (LiteLLM's retry breadcrumbs, ``previous_models``)."""
+    out = set()
+    for attempt in metadata.get("previous_models") or []:
+        deployment_id = attempt.get("deployment_id") if isinstance(attempt, dict) else None
+        if isinstance(deployment_id, str):
+            out.add(deployment_id)
+    return out
+
+
+def remaining_budget(user_api_key_dict: Any) -> Optional[float]:
+    """USD the calling key may still spend (None when it has no budget), read once per request."""
+    max_budget = getattr(user_api_key_dict, "max_budget", None)
+    if max_budget is None:
+        return None
+    spend = getattr(user_api_key_dict, "spend", None) or 0.0
+    return max(float(max_budget) - float(spend), 0.0)
 
 
 def _message_logging_off(data: dict) -> bool:

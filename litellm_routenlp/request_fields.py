@@ -15,6 +15,11 @@ FORWARDED_PARAMS = ("max_tokens", "max_completion_tokens", "temperature", "top_p
                     "presence_penalty", "frequency_penalty", "response_format", "user")
 
 
+# Parameters whose meaning differs across tiers or that the cascade cannot judge: refused with a 400.
+UNSUPPORTED_PARAMS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+                      "audio", "modalities", "prediction", "web_search_options")
+
+
 class RequestError(ValueError):
     """A client error; ``param`` names the offending request field."""
 
@@ -87,6 +92,10 @@ def validate_request(data: Mapping[str, Any]) -> None:
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise RequestError("metadata must be an object", param="metadata")
+    for param in UNSUPPORTED_PARAMS:
+        if data.get(param) not in (None, [], {}):
+            raise RequestError(f"`{param}` is not supported by the routenlp model: tiers differ in tool and "
+                               "format support, and the cascade judges plain text answers", param=param)
 
 
 def forwarded_params(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class RoutingDecision:
     task_status: str                      # "known" | "unknown" | "missing"
     probabilities: list[float]            # p_k per tier, cheapest first
     tier: Optional[int] = None            # 1-based tier chosen among healthy ones
+    wanted_tier: Optional[int] = None     # the router's choice before health was considered
     reason: str = ""
     router_ms: float = 0.0
     healthy_tiers: list[int] = field(default_factory=list)
@@ -54,6 +55,25 @@ def choose_tier(probabilities: Sequence[float], available_tiers: Sequence[int],
         if cumulative[index] >= route_confidence:
             return tier, f"P(acceptable at T{tier})={cumulative[index]:.3f}>={route_confidence}"
     return tiers[-1], f"no healthy tier reaches P(acceptable)>={route_confidence}; highest healthy tier"
+
+
+def healthy_fallback(wanted: int, healthy_tiers: Sequence[int], direction: str) -> int:
+    """The tier that serves when ``wanted`` is unhealthy (the paper's outage policy).
+
+    Structured tasks (``direction="down"``) fall back to the nearest cheaper healthy tier, whose answer
+    the cascade can still escalate; generation tasks (``"up"``) go to the nearest more capable healthy
+    tier.  Either way, when nothing is healthy on that side the other side is used.
+    """
+    tiers = sorted(set(healthy_tiers))
+    if not tiers:
+        raise ValueError("no tier is available")
+    if wanted in tiers:
+        return wanted
+    below = [t for t in tiers if t < wanted]
+    above = [t for t in tiers if t > wanted]
+    if direction == "down":
+        return below[-1] if below else above[0]
+    return above[0] if above else below[-1]
 
 
 def next_tier_above(current: int, available_tiers: Sequence[int]) -> Optional[int]:

@@ -107,3 +107,34 @@ def test_cascade_skips_unhealthy_next_tier():
     answers = {3: TierAnswer(3, "a3", 0.0, 0.1, 1)}
     result, asked = _run(first, {"T1": {"t": 0.1}}, answers, available=(1, 3, 4))
     assert asked == [3] and result.final.response == "a3"
+
+
+def test_outage_fallback_direction_follows_the_task_kind():
+    from litellm_routenlp.routing import healthy_fallback
+
+    # T2 and T3 down: structured tasks go down to T1, generation goes up to the top tier
+    assert healthy_fallback(2, [1, 4], "down") == 1
+    assert healthy_fallback(2, [1, 4], "up") == 4
+    # T4 down: generation falls back to the most capable healthy tier below
+    assert healthy_fallback(4, [1, 2, 3], "up") == 3
+    assert healthy_fallback(3, [1, 2, 3, 4], "down") == 3
+    with pytest.raises(ValueError):
+        healthy_fallback(1, [], "up")
+
+
+def test_cascade_stops_at_the_key_budget():
+    thresholds = Thresholds(deltas={"T1": {"t": 0.1}})
+    asked = []
+
+    async def ask(tier):
+        asked.append(tier)
+        return TierAnswer(tier, "a", 0.0, 1.0, 1)
+
+    async def healthy():
+        return [1, 2, 3, 4]
+
+    first = TierAnswer(tier=1, response="a1", uncertainty=0.9, cost_usd=0.05, latency_ms=1)
+    result = asyncio.run(run_cascade(first, "t", thresholds, NAMES, healthy, ask, 3, budget_usd=0.04))
+    assert asked == [] and result.escalation_skipped == "key budget"
+    result = asyncio.run(run_cascade(first, "t", thresholds, NAMES, healthy, ask, 3, budget_usd=10.0))
+    assert asked == [2] and result.escalation_skipped is None

@@ -85,3 +85,12 @@ def test_request_validation_and_query_text():
         validate_request({"messages": [{"role": "user", "content": "  "}]})
     with pytest.raises(RequestError, match="metadata must be an object"):
         validate_request({"messages": messages, "metadata": "x"})
+
+
+@pytest.mark.parametrize("param, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+                                          ("logit_bias", {"50256": -100})])
+def test_tool_calls_and_unsupported_parameters_are_refused(param, value):
+    with pytest.raises(RequestError, match=f"`{param}` is not supported") as info:
+        validate_request({"messages": [{"role": "user", "content": "hi"}], param: value})
+    assert info.value.param == param
