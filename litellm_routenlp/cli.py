@@ -5,6 +5,8 @@
     routenlp label            --config proxy_config.yaml --task banking77 [--split train] [--limit N] --out F.jsonl
     routenlp train            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--mode frozen|finetune]
     routenlp calibrate        --data F.jsonl --portfolio P.yaml [--router DIR] [--alpha 0.05] --out thresholds.json
+    routenlp bench            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--seeds 5] [--split 0.6,0.2,0.2]
+    routenlp bench            --dataset cascades_9llm|routerbench|routellm|all --out DIR  (the shared sets)
 
 Heavy dependencies (torch, transformers, scikit-learn) are imported only by the command that needs
 them, so ``routenlp --help`` and the proxy stay light.  Errors are printed as one line naming the
@@ -52,7 +54,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     records = [record for path in args.data for record in read_allpairs(path, portfolio)]
     report = train_router(records, portfolio, args.out, mode=args.mode, encoder_dir=args.encoder,
                           seed=args.seed, epochs=args.epochs)
-    print(report)
+    print(f"router written to {report.out_dir} ({report.mode} encoder): {report.n_train} train / "
+          f"{report.n_val} val queries, {report.epochs_run} epochs (best {report.best_epoch}), "
+          f"{report.train_seconds:.1f}s")
+    print(f"val accuracy {report.val_accuracy:.3f} vs always-majority {report.majority_baseline_accuracy:.3f}; "
+          f"val cross-entropy {report.val_route_ce:.3f} vs label prior {report.prior_baseline_ce:.3f}")
     return 0
 
 
@@ -101,6 +107,42 @@ def _cmd_build_artifacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from coopt.bench.queueing import QueueConfig
+    from coopt.bench.run import BenchConfig, bench_files, bench_shared, load_plugins
+
+    if bool(args.data) == bool(args.dataset):
+        raise ValueError("give either --data (with --portfolio) or --dataset, not both")
+    if args.data and not args.portfolio:
+        raise ValueError("--data needs --portfolio")
+    if len(args.split) != 3:
+        raise ValueError(f"--split needs three fractions, got {args.split}")
+    load_plugins(args.plugin or [])
+    queue = QueueConfig(arrivals_per_min=args.arrivals, headline_per_min=args.headline_rate,
+                        workers=tuple(int(w) for w in args.workers), top_rate_per_s=args.top_rate or None,
+                        sla_ms=args.sla_ms, n_arrivals=args.n_arrivals, service=args.service)
+    config = BenchConfig(seeds=args.seeds, split=tuple(args.split), target_quality=args.target_quality,
+                         systems=[s.strip() for s in args.systems.split(",")] if args.systems else None,
+                         queue=queue, bootstrap=args.bootstrap, sweeps=not args.no_sweeps,
+                         encoder_dir=Path(args.encoder), cache_path=Path(args.cache) if args.cache else None,
+                         progress=not args.no_progress)
+    if args.dataset:
+        results = bench_shared(args.dataset, Path(args.out), config)
+        for name in results:
+            print((Path(args.out) / name / "table.md").read_text())
+    else:
+        bench_files(args.data, args.portfolio, Path(args.out), config)
+        print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routenlp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +187,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=500, help="calibration queries per task")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("bench", help="the paper's evaluation: RouteNLP against the baselines on all-pairs data")
+    p.add_argument("--data", action="append", help="all-pairs JSONL (repeatable; files share --portfolio)")
+    p.add_argument("--portfolio", help="portfolio YAML of the --data files")
+    p.add_argument("--dataset", action="append",
+                   help="a shared set by name (cascades_9llm, routerbench, routellm) or 'all'; repeatable")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--split", type=_floats, default=(0.6, 0.2, 0.2), help="train,calibration,test fractions")
+    p.add_argument("--systems", default=None, help="comma-separated subset of the registered systems")
+    p.add_argument("--plugin", action="append", help="import this module first (it registers its own systems)")
+    p.add_argument("--target-quality", type=float, default=0.97,
+                   help="quality ratio each system's knob is tuned to reach on the calibration split")
+    p.add_argument("--arrivals", type=_floats, default=(1000.0, 5000.0, 10000.0, 20000.0),
+                   help="Poisson arrival rates, queries/min")
+    p.add_argument("--headline-rate", type=float, default=1000.0, help="arrival rate of the p99/SLA columns")
+    p.add_argument("--workers", type=_floats, default=(8, 4, 4), help="workers of T1, T2, ... below the top tier")
+    p.add_argument("--top-rate", type=float, default=60.0, help="top tier's rate limit, req/s (0: a queue)")
+    p.add_argument("--sla-ms", type=float, default=500.0)
+    p.add_argument("--n-arrivals", type=int, default=20000, help="simulated arrivals per rate")
+    p.add_argument("--service", choices=["exponential", "empirical"], default="exponential")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
+    p.add_argument("--no-sweeps", action="store_true", help="skip RouteNLP's alpha/tau/delta sweeps and shift test")
+    p.add_argument("--encoder", default="artifacts/encoder")
+    p.add_argument("--cache", default=None, help="embedding cache file (default artifacts/cache/bench-embeddings-*)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
