@@ -67,8 +67,8 @@ class RouteNLPSettings(BaseModel):
         description="a tier that returns no logprobs: keep its answer (trust_router) or escalate")
     fail_open: bool = Field(
         default=False,
-        description="router artifact unusable at start-up: refuse to start (false) or route everything "
-                    "to the top tier with a loud warning (true)")
+        description="router artifact or thresholds file unusable at start-up: refuse to start (false) or "
+                    "route everything to the top tier with a loud warning (true)")
 
     @field_validator("tasks")
     @classmethod

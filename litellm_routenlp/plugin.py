@@ -124,7 +124,12 @@ class RouteNLPCallback(CustomLogger):
             try:
                 thresholds = Thresholds.load(settings.thresholds_path)
             except ThresholdsError as error:
-                raise SettingsError(f"routenlp_settings.thresholds_path: {error}") from None
+                if not settings.fail_open:
+                    raise SettingsError(f"routenlp_settings.thresholds_path: {error}") from None
+                # without trustworthy thresholds the cheap tiers' answers cannot be checked: top tier only
+                logger.warning("RouteNLP: thresholds unusable (%s); fail_open=true, routing EVERYTHING to "
+                               "the top tier", error)
+                router = None
         if router is not None:
             unknown = sorted(set(settings.tasks) - set(router.tasks))
             if unknown:
