@@ -1,0 +1,400 @@
+"""``routenlp bench``: every system, every seed, the same splits; then metrics, tests and reports.
+
+For one benchmark (one or more all-pairs files sharing a portfolio):
+
+1. read and validate the files, embed the prompts through the cache;
+2. for each seed: split every (file, task) group into train / calibration / test; fit every system
+   on train + calibration (:mod:`coopt.bench.systems`); route the test rows; score quality and cost
+   ratios against Always-top; simulate the tier queues at each arrival rate; run RouteNLP's sweeps
+   (alpha, threshold perturbation, tau, route confidence) and the task-mix shift test;
+3. aggregate mean and std over seeds, paired-bootstrap RouteNLP against each other system, check the
+   goal (quality ratio >= target at the lowest cost ratio), and write the outputs
+   (:mod:`coopt.bench.report`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from coopt.allpairs import Portfolio, data_sha256, load_portfolio, read_allpairs
+import coopt.bench.baselines  # noqa: F401  (importing registers the baselines)
+from coopt.bench import routenlp
+from coopt.bench.bootstrap import PairedSample, paired_bootstrap
+from coopt.bench.data import BenchData, default_cache_path
+from coopt.bench.metrics import Routes, mean_std, per_query, served_only, summarise
+from coopt.bench.queueing import QueueConfig, simulate
+from coopt.bench.systems import SYSTEMS, TARGET_QUALITY, FitContext
+
+DEFAULT_ORDER = ("Always-top", "Always-T2", "Rule-based", "RouteNLP", "RouteNLP w/o cascade",
+                 "RouteNLP w/o task cond.", "Random", "FrugalGPT", "Hybrid LLM", "RouteLLM", "AutoMix", "kNN",
+                 "Oracle")
+ALPHA_SWEEP = (0.01, 0.05, 0.1, 0.2, 0.3)
+PERTURBATIONS = (-0.10, -0.05, 0.0, 0.05, 0.10)
+REFERENCE = "RouteNLP"
+
+
+@dataclass
+class BenchConfig:
+    seeds: int = 5
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    systems: Optional[Sequence[str]] = None
+    target_quality: float = TARGET_QUALITY
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    bootstrap: int = 1000
+    sweeps: bool = True
+    encoder_dir: Path = Path("artifacts/encoder")
+    cache_path: Optional[Path] = None
+    progress: bool = True
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seeds": list(range(self.seeds)), "split": list(self.split), "target_quality": self.target_quality,
+                "queue": self.queue.to_dict(), "bootstrap_resamples": self.bootstrap, "sweeps": self.sweeps}
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import user modules that ``@register`` their own systems."""
+    for module in modules:
+        importlib.import_module(module)
+
+
+def system_order(names: Optional[Sequence[str]]) -> list[str]:
+    """Requested systems (default: all registered), ordered so every ``requires`` comes first."""
+    wanted = list(names) if names else [n for n in DEFAULT_ORDER if n in SYSTEMS] + \
+        [n for n in SYSTEMS if n not in DEFAULT_ORDER]
+    unknown = [n for n in wanted if n not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; registered: {', '.join(SYSTEMS)}")
+    if "Always-top" not in wanted:
+        wanted.insert(0, "Always-top")  # the reference every ratio is taken against
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        for needed in getattr(SYSTEMS[name], "requires", ()):
+            if needed in wanted:
+                visit(needed)
+        ordered.append(name)
+
+    for name in wanted:
+        visit(name)
+    return ordered
+
+
+def load_bench_data(paths: Sequence[Path], portfolio: Portfolio) -> BenchData:
+    records, groups = [], []
+    seen: set[str] = set()
+    for path in paths:
+        for record in read_allpairs(path, portfolio):
+            if record.id in seen:
+                raise ValueError(f"{path}: id {record.id!r} also appears in an earlier --data file")
+            seen.add(record.id)
+            records.append(record)
+            groups.append(str(path))
+    return BenchData(records, portfolio, groups=groups)
+
+
+def _queue_figures(routes: Routes, mean_service_s: np.ndarray, config: QueueConfig, seed: int) -> dict[str, Any]:
+    rates = sorted(set(config.arrivals_per_min) | {config.headline_per_min})
+    out = {}
+    for index, rate in enumerate(rates):
+        rng = np.random.default_rng([seed, index, 99])
+        out[str(int(rate))] = simulate(routes.tried, mean_service_s, rate / 60.0, config, rng)
+    return out
+
+
+def _sweeps(system: Any, data: BenchData, test: np.ndarray, calib: np.ndarray) -> dict[str, Any]:
+    """RouteNLP's Tables 12-13 figures on one seed's test rows (recalibrated on the calibration rows)."""
+    def figures(routes: Routes) -> dict[str, float]:
+        s = summarise(data, routes)
+        return {"quality_ratio": s["quality_ratio"], "cost_ratio": s["cost_ratio"],
+                "escalation_rate": s["escalation_rate"]}
+
+    out: dict[str, Any] = {"route_confidence": {}, "alpha": {}, "delta": {}, "tau": {}}
+    rc, alpha = system.route_confidence, system.alpha
+    for value in system.settings["route_confidences"][1::2]:  # every other grid value keeps the plot readable
+        doc = system.calibrate_on(calib, value, alpha) if alpha is not None else None
+        out["route_confidence"][str(value)] = figures(system.route(test, route_confidence=value, thresholds_doc=doc))
+    if system.can_cascade():
+        for value in ALPHA_SWEEP:
+            doc = system.calibrate_on(calib, rc, value)
+            out["alpha"][str(value)] = figures(system.route(test, thresholds_doc=doc, alpha=value))
+        for step in PERTURBATIONS:
+            key = f"{step:+.0%}"
+            out["delta"][key] = figures(system.route(test, delta_scale=1.0 + step))
+            doc = system.calibrate_on(calib, rc, alpha, portfolio=system.scaled_tau_portfolio(1.0 + step))
+            out["tau"][key] = figures(system.route(test, thresholds_doc=doc))
+    if len(data.tasks) > 1 and system.can_cascade():
+        out["shift"] = _shift_test(system, data, test, calib)
+    return out
+
+
+def _mix(data: BenchData, rows: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The largest subsample of ``rows`` whose task mix is ``shares`` (sampled without replacement)."""
+    counts = np.array([np.sum(data.task_ids[rows] == t) for t in range(len(data.tasks))])
+    total = int(np.min(np.where(shares > 0, counts / np.maximum(shares, 1e-12), np.inf)))
+    chosen = []
+    for t, share in enumerate(shares):
+        pool = rows[data.task_ids[rows] == t]
+        chosen.extend(rng.choice(pool, size=min(len(pool), int(round(total * share))), replace=False))
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _shift_test(system: Any, data: BenchData, test: np.ndarray, calib: np.ndarray) -> dict[str, Any]:
+    """Calibrate on one task mix (first task 80%), test on another (last task 80%), vs a matched mix."""
+    from calibration.calibrate import deltas_of, evaluate_thresholds
+
+    T = len(data.tasks)
+    mix_a = np.full(T, 0.2 / (T - 1))
+    mix_a[0] = 0.8
+    mix_b = mix_a[::-1].copy()
+    rng = np.random.default_rng([system.ctx.seed, 13])
+    test_b = _mix(data, test, mix_b, rng)
+    out: dict[str, Any] = {"calibration_mix": dict(zip(data.tasks, mix_a.tolist())),
+                           "test_mix": dict(zip(data.tasks, mix_b.tolist()))}
+    for label, calib_rows in (("shifted", _mix(data, calib, mix_a, rng)), ("matched", _mix(data, calib, mix_b, rng))):
+        doc = system.calibrate_on(calib_rows, system.route_confidence, system.alpha)
+        routes = system.route(test_b, thresholds_doc=doc)
+        s = summarise(data, routes)
+        start = system.start_tiers(system.router.proba_rows(test_b), system.route_confidence, test_b)
+        violation, n = 0.0, 0
+        if doc is not None:
+            report = evaluate_thresholds([data.records[i] for i in test_b], data.portfolio,
+                                         deltas_of({"thresholds": doc}), start)
+            for tier in data.tier_names[:-1]:
+                for cell in report.get(tier, {}).values():
+                    violation += cell["violation"] * cell["n"]
+                    n += cell["n"]
+        out[label] = {"n_calibration": int(len(calib_rows)), "n_test": int(len(test_b)),
+                      "quality_ratio": s["quality_ratio"], "cost_ratio": s["cost_ratio"],
+                      "violation": violation / n if n else None}
+    return out
+
+
+def run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: dict[str, Any],
+                  progress_bar: Any = None) -> dict[str, Any]:
+    """Fit, route and score every system for every seed; write the outputs to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # calibrate() logs a warning for every thin (tier, task) cell; the bench records the cells' n in
+    # results.json instead of printing thousands of lines over the sweeps
+    calibration_log = logging.getLogger("calibration.calibrate")
+    level = calibration_log.level
+    calibration_log.setLevel(logging.ERROR)
+    try:
+        return _run_benchmark(data, out_dir, config, meta, progress_bar)
+    finally:
+        calibration_log.setLevel(level)
+
+
+def _run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: dict[str, Any],
+                   progress_bar: Any) -> dict[str, Any]:
+    from coopt.bench import report
+
+    names = system_order(config.systems)
+    mean_service_s = data.latency.mean(axis=0) / 1000.0
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    test_values: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
+    test_tasks: list[np.ndarray] = []
+    sweeps: list[dict[str, Any]] = []
+    timings: dict[str, float] = {name: 0.0 for name in names}
+    decisions_path = out_dir / "decisions.jsonl"
+    work = out_dir / "work"
+    splits = [data.split(seed, config.split) for seed in range(config.seeds)]
+    with open(decisions_path, "w", encoding="utf-8") as decisions:
+        for seed, split in enumerate(splits):
+            ctx = FitContext(data=data, split=split, work_dir=work, encoder_dir=config.encoder_dir,
+                             cache_path=config.cache_path, target_quality=config.target_quality)
+            test_tasks.append(data.task_ids[split.test])
+            for name in names:
+                if progress_bar is not None:
+                    progress_bar.set_postfix_str(f"{meta.get('name', '')} seed {seed} {name}"[:60])
+                started = time.perf_counter()
+                system = SYSTEMS[name]()
+                system.fit(ctx)
+                routes = served_only(data, system.route(split.test))
+                ctx.test_routes[name] = routes
+                figures = summarise(data, routes)
+                figures["queue"] = _queue_figures(routes, mean_service_s, config.queue, seed)
+                figures["operating_point"] = system.operating_point
+                figures["notes"] = list(system.notes)
+                if name == REFERENCE and config.sweeps and isinstance(system, routenlp.RouteNLP):
+                    sweeps.append(_sweeps(system, data, split.test, split.calib))
+                per_seed[name].append(figures)
+                values = per_query(data, routes)
+                test_values[name].append(values)
+                for decision in routes.decisions(data.ids, data.tier_names):
+                    decisions.write(json.dumps({"system": name, "seed": seed, "id": decision.id,
+                                                "tiers_tried": decision.tiers_tried,
+                                                "final_tier": decision.final_tier}) + "\n")
+                timings[name] += time.perf_counter() - started
+                if progress_bar is not None:
+                    progress_bar.update(1)
+    top = data.K - 1
+    reference_values = [{"quality": data.quality[split.test, top], "cost": data.cost[split.test, top]}
+                        for split in splits]
+    results = aggregate(data, names, per_seed, test_values, reference_values, test_tasks, config)
+    results["data"] = meta
+    results["split"] = {"fractions": list(config.split), "seeds": list(range(config.seeds)),
+                        "by": "file and task", "sizes": {
+                            "train": int(len(splits[0].train)), "calibration": int(len(splits[0].calib)),
+                            "test": int(len(splits[0].test))}}
+    results["config"] = config.to_dict()
+    results["sweeps"] = aggregate_sweeps(sweeps)
+    results["seconds_per_system"] = {name: round(seconds, 2) for name, seconds in timings.items()}
+    results["goal"] = goal(results, config.target_quality)
+    report.write_all(out_dir, results, data)
+    return results
+
+
+def aggregate(data: BenchData, names: Sequence[str], per_seed: dict[str, list[dict[str, Any]]],
+              test_values: dict[str, list[dict[str, np.ndarray]]], reference_values: list[dict[str, np.ndarray]],
+              test_tasks: list[np.ndarray], config: BenchConfig) -> dict[str, Any]:
+    headline = str(int(config.queue.headline_per_min))
+    systems_out: dict[str, Any] = {}
+    for name in names:
+        seeds = per_seed[name]
+        entry: dict[str, Any] = {
+            "family": SYSTEMS[name].family,
+            "quality_ratio": mean_std([s["quality_ratio"] for s in seeds]),
+            "cost_ratio": mean_std([s["cost_ratio"] for s in seeds]),
+            "p99_ms": mean_std([s["queue"][headline]["p99_ms"] for s in seeds]),
+            "sla_violation": mean_std([s["queue"][headline]["sla_violation"] for s in seeds]),
+            "tier_shares": {tier: mean_std([s["tier_shares"][tier] for s in seeds]) for tier in data.tier_names},
+            "escalation_rate": mean_std([s["escalation_rate"] for s in seeds]),
+            "acceptable_rate": mean_std([s["acceptable_rate"] for s in seeds]),
+            "per_task": {task: {metric: mean_std([s["per_task"][task][metric] for s in seeds if task in s["per_task"]])
+                                for metric in ("quality_ratio", "cost_ratio", "quality", "top_quality")}
+                         for task in data.tasks},
+            "load": {rate: {metric: mean_std([s["queue"][rate][metric] for s in seeds])
+                            for metric in ("p50_ms", "p99_ms", "mean_ms", "sla_violation")}
+                     for rate in seeds[0]["queue"]},
+            "utilisation_at_headline": [mean_std([s["queue"][headline]["utilisation"][k] for s in seeds])["mean"]
+                                        for k in range(data.K)],
+            "peak_utilisation_at_headline": max(max(s["queue"][headline]["utilisation"]) for s in seeds),
+            "per_seed": [{"quality_ratio": s["quality_ratio"], "cost_ratio": s["cost_ratio"],
+                          "operating_point": s["operating_point"]} for s in seeds],
+            "notes": sorted({note for s in seeds for note in s["notes"]}),
+        }
+        if REFERENCE in test_values and name != REFERENCE:
+            entry["vs_routenlp"] = {}
+            for metric, key in (("cost", "p_cost"), ("quality", "p_quality")):
+                samples = [PairedSample(a=test_values[REFERENCE][i][metric], b=test_values[name][i][metric],
+                                        reference=reference_values[i][metric], task_ids=test_tasks[i])
+                           for i in range(len(test_tasks))]
+                result = paired_bootstrap(samples, config.bootstrap, seed=0)
+                entry["vs_routenlp"][metric] = {"delta": result["delta"], "ci95": result["ci95"],
+                                                "p": result["p_lower"] if metric == "cost" else result["p_two_sided"]}
+        systems_out[name] = entry
+    return {"systems": systems_out}
+
+
+def aggregate_sweeps(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    if not sweeps:
+        return {}
+    out: dict[str, Any] = {}
+    for kind in ("route_confidence", "alpha", "delta", "tau"):
+        keys = sweeps[0].get(kind, {}).keys()
+        out[kind] = {key: {metric: mean_std([s[kind][key][metric] for s in sweeps])
+                           for metric in ("quality_ratio", "cost_ratio", "escalation_rate")} for key in keys}
+    if "shift" in sweeps[0]:
+        out["shift"] = {"calibration_mix": sweeps[0]["shift"]["calibration_mix"],
+                        "test_mix": sweeps[0]["shift"]["test_mix"]}
+        for label in ("shifted", "matched"):
+            out["shift"][label] = {metric: mean_std([s["shift"][label][metric] for s in sweeps])
+                                   for metric in ("quality_ratio", "cost_ratio", "violation", "n_calibration", "n_test")}
+    return out
+
+
+def goal(results: dict[str, Any], target: float) -> dict[str, Any]:
+    """RouteNLP's quality ratio >= target with the lowest cost ratio of all non-oracle baselines."""
+    systems_out = results["systems"]
+    if REFERENCE not in systems_out:
+        return {"evaluated": False}
+    ours = systems_out[REFERENCE]
+    quality, cost = ours["quality_ratio"]["mean"], ours["cost_ratio"]["mean"]
+    others = {name: entry for name, entry in systems_out.items()
+              if entry["family"] in ("baseline", "reference") and name != "Always-top"}
+    cheapest = min(others.items(), key=lambda item: item[1]["cost_ratio"]["mean"]) if others else None
+    at_quality = {name: entry for name, entry in others.items() if entry["quality_ratio"]["mean"] >= target}
+    cheapest_at_quality = min(at_quality.items(), key=lambda item: item[1]["cost_ratio"]["mean"]) if at_quality else None
+    out = {"evaluated": True, "target_quality_ratio": target, "routenlp_quality_ratio": quality,
+           "routenlp_cost_ratio": cost, "quality_reached": quality >= target,
+           "quality_shortfall": max(0.0, target - quality)}
+    if cheapest is not None:
+        out["cheapest_other"] = {"system": cheapest[0], "cost_ratio": cheapest[1]["cost_ratio"]["mean"],
+                                 "quality_ratio": cheapest[1]["quality_ratio"]["mean"]}
+        out["lowest_cost_of_all"] = cost <= cheapest[1]["cost_ratio"]["mean"] + 1e-12
+    if cheapest_at_quality is not None:
+        out["cheapest_other_at_target"] = {"system": cheapest_at_quality[0],
+                                           "cost_ratio": cheapest_at_quality[1]["cost_ratio"]["mean"],
+                                           "quality_ratio": cheapest_at_quality[1]["quality_ratio"]["mean"]}
+        out["lowest_cost_at_target"] = cost <= cheapest_at_quality[1]["cost_ratio"]["mean"] + 1e-12
+    else:
+        out["lowest_cost_at_target"] = True
+    out["met"] = bool(out["quality_reached"] and out.get("lowest_cost_of_all", True))
+    out["met_among_systems_at_target"] = bool(out["quality_reached"] and out["lowest_cost_at_target"])
+    return out
+
+
+def bench_files(data_paths: Sequence[Path], portfolio_path: Path, out_dir: Path, config: BenchConfig,
+                name: Optional[str] = None) -> dict[str, Any]:
+    """Benchmark one or more all-pairs files sharing ``portfolio_path``; outputs go to ``out_dir``."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    portfolio = load_portfolio(portfolio_path)
+    data = load_bench_data([Path(p) for p in data_paths], portfolio)
+    cache_path = config.cache_path or default_cache_path(config.encoder_dir)
+    config.cache_path = cache_path
+    with tqdm(total=len(data.prompts), desc=f"embed {name or ''}".strip(), unit="q", disable=not config.progress,
+              leave=False) as bar:
+        bar.update(0)
+        data.load_embeddings(config.encoder_dir, cache_path, progress=bar.update)
+    meta = {"name": name or Path(data_paths[0]).stem, "files": [str(p) for p in data_paths],
+            "sha256": {str(p): data_sha256(p) for p in data_paths}, "portfolio": portfolio.to_dict(),
+            "n": data.n, "tasks": {task: int(np.sum(data.task_names == task)) for task in data.tasks},
+            "tiers": data.tier_names, "latency_measured": data.latency_measured.tolist(),
+            "uncertainty_available": data.has_uncertainty.tolist(),
+            "mean_service_ms": data.latency.mean(axis=0).round(2).tolist()}
+    names = system_order(config.systems)
+    # One BLAS thread: on a shared 2-core machine a multi-threaded BLAS oversubscribes the cores and
+    # scikit-learn's solvers ran ~40x slower here; the work is many small fits, not one big one.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=config.threads), \
+            tqdm(total=config.seeds * len(names), desc=f"bench {meta['name']}", unit="fit",
+                 disable=not config.progress) as bar:
+        results = run_benchmark(data, out_dir, config, meta, progress_bar=bar)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    from coopt.bench.report import write_json
+
+    write_json(Path(out_dir) / "results.json", results)
+    return results
+
+
+def bench_shared(names: Sequence[str], out_dir: Path, config: BenchConfig,
+                 data_dir: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+    """Materialise each shared set into ``out_dir/data`` and benchmark it into ``out_dir/<name>``."""
+    from coopt.bench.datasets import SHARED_DATASETS, materialise
+    from coopt.bench import report
+
+    started = time.perf_counter()
+    if list(names) == ["all"]:
+        names = list(SHARED_DATASETS)
+    out_dir = Path(out_dir)
+    all_results = {}
+    for name in names:
+        data_path, portfolio_path = materialise(name, out_dir / "data", data_dir)
+        all_results[name] = bench_files([data_path], portfolio_path, out_dir / name, config, name=name)
+    report.write_summary(out_dir, all_results, time.perf_counter() - started)
+    return all_results
