@@ -410,6 +410,24 @@ def cheapest_acceptable_tier(record: AllPairsRecord, portfolio: Portfolio) -> in
     return len(portfolio.tiers) - 1
 
 
+def routing_target(record: AllPairsRecord, portfolio: Portfolio) -> int:
+    """The router's training label: the cheapest acceptable tier; when no tier is acceptable, the
+    cheapest tier among those with the best quality.
+
+    A query nobody answers well gains nothing from an expensive tier, so labelling it with the top
+    tier (as :func:`cheapest_acceptable_tier` does for the oracle bound) teaches the router to pay for
+    no quality; the cascade still escalates such a query when its answer is uncertain.
+    """
+    tau = portfolio.tau(record.task)
+    qualities = []
+    for index, name in enumerate(portfolio.tier_names):
+        if acceptable(record, name, tau):
+            return index
+        qualities.append(record.tiers[name].quality)
+    best = max(qualities)
+    return qualities.index(best)
+
+
 def tier_values(records: Sequence[AllPairsRecord], tier_names: Sequence[str], field_name: str) -> "np.ndarray":
     """(n, K) float64 array of one tier field (quality, cost_usd, latency_ms, uncertainty); null -> NaN."""
     import numpy as np

@@ -7,7 +7,8 @@ replaces the task with it ~10% of the time (task dropout) so a request with a ne
 still gets a sensible, task-agnostic prediction.
 
 Loss = L_route + 0.3 L_cost + 0.5 L_quality:
-  L_route   cross-entropy to the cheapest acceptable tier (the top tier when none is acceptable);
+  L_route   cross-entropy to the cheapest acceptable tier (when none is acceptable: the cheapest tier
+            with the best quality, see ``coopt.allpairs.routing_target``);
   L_cost    expected normalised tier cost under the softmax (tier mean cost / top tier's, per task);
   L_quality sum_k p_k * max(0, tau - q_k): probability mass on tiers that fail this very query.
 
@@ -38,12 +39,12 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from coopt.allpairs import (UNKNOWN_TASK, AllPairsRecord, Portfolio, cheapest_acceptable_tier, data_sha256,
-                            load_portfolio, read_allpairs, records_sha256, tier_values)
+                            load_portfolio, read_allpairs, records_sha256, routing_target, tier_values)
 
 FORMAT_VERSION = 1
 EMBEDDING_DIM = 384
@@ -52,6 +53,9 @@ HIDDEN = 256
 COST_WEIGHT = 0.3
 QUALITY_WEIGHT = 0.5
 DEFAULT_LR = {"frozen": 1e-3, "finetune": 2e-5}
+# label rule for queries no tier answers acceptably (see train_router's ``target``)
+TARGET_RULES: dict[str, Callable[[AllPairsRecord, Portfolio], int]] = {
+    "best_quality": routing_target, "top_tier": cheapest_acceptable_tier}
 ARTIFACT_FILES = ("weights.safetensors", "head.onnx", "head.int8.onnx")
 WEIGHT_NAMES = ("task_embedding.weight", "hidden.weight", "hidden.bias", "out.weight", "out.bias")
 
@@ -296,7 +300,8 @@ class _Prepared:
     cost_table: dict[str, list[float]]
 
 
-def _prepare(records: Sequence[AllPairsRecord], portfolio: Portfolio) -> _Prepared:
+def _prepare(records: Sequence[AllPairsRecord], portfolio: Portfolio,
+             label: Callable[[AllPairsRecord, Portfolio], int] = routing_target) -> _Prepared:
     if not records:
         raise ValueError("no training records")
     tier_names = portfolio.tier_names
@@ -318,7 +323,7 @@ def _prepare(records: Sequence[AllPairsRecord], portfolio: Portfolio) -> _Prepar
         tier_cost[rows] = normalised
     return _Prepared(
         texts=[record.prompt for record in records], task_ids=task_of,
-        targets=np.array([cheapest_acceptable_tier(record, portfolio) for record in records], dtype=np.int64),
+        targets=np.array([label(record, portfolio) for record in records], dtype=np.int64),
         quality=quality, tau=np.array([portfolio.tau(record.task) for record in records], dtype=np.float32),
         tier_cost=tier_cost, tasks=tasks, cost_table=cost_table)
 
@@ -417,8 +422,13 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
                  val_fraction: float = 0.15, dropout: float = 0.1, task_dropout: float = 0.1,
                  weight_decay: float = 0.01, cost_weight: float = COST_WEIGHT,
                  quality_weight: float = QUALITY_WEIGHT, cache_path: Optional[Union[str, os.PathLike[str]]] = None,
-                 finetune_max_length: int = 128, threads: int = 1) -> TrainReport:
+                 finetune_max_length: int = 128, threads: int = 1,
+                 target: str = "best_quality") -> TrainReport:
     """Train the router on an all-pairs file (or records) and write the artifact to ``out_dir``.
+
+    ``target`` is the label rule for queries no tier answers acceptably: ``"best_quality"`` (default,
+    :func:`coopt.allpairs.routing_target`: the cheapest tier with the best quality) or
+    ``"top_tier"`` (:func:`coopt.allpairs.cheapest_acceptable_tier`, the oracle's definition).
 
     ``lr`` defaults to 1e-3 for the frozen-encoder head and to the paper's 2e-5 for ``finetune``.
     Early stopping keeps the epoch with the lowest validation loss (patience ``patience``).
@@ -435,8 +445,10 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
         raise ValueError("val_fraction must lie in (0, 1); dropout and task_dropout in [0, 1)")
     if not isinstance(portfolio, Portfolio):
         portfolio = load_portfolio(portfolio)
+    if target not in TARGET_RULES:
+        raise ValueError(f"target must be one of {sorted(TARGET_RULES)}, got {target!r}")
     records, data_hash = _as_records(allpairs, portfolio)
-    prepared = _prepare(records, portfolio)
+    prepared = _prepare(records, portfolio, TARGET_RULES[target])
     lr = DEFAULT_LR[mode] if lr is None else float(lr)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -564,7 +576,7 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
         "training": {
             **{key: value for key, value in report.to_dict().items() if key != "out_dir"},
             "seed": seed, "lr": lr, "batch_size": batch_size, "max_epochs": epochs, "patience": patience,
-            "val_fraction": val_fraction, "task_dropout": task_dropout, "weight_decay": weight_decay,
+            "val_fraction": val_fraction, "target": target, "task_dropout": task_dropout, "weight_decay": weight_decay,
             "loss_weights": {"route": 1.0, "cost": cost_weight, "quality": quality_weight},
             "tier_cost_normalised": prepared.cost_table,
         },
