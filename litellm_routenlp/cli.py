@@ -7,6 +7,8 @@
     routenlp calibrate        --data F.jsonl --portfolio P.yaml [--router DIR] [--alpha 0.05] --out thresholds.json
     routenlp bench            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--seeds 5] [--split 0.6,0.2,0.2]
     routenlp bench            --dataset cascades_9llm|routerbench|routellm|all --out DIR  (the shared sets)
+    routenlp coopt            [run|read-logs|failures|cluster|select|distill|retrain|compare|status|
+                               activate|rollback|report] ...  (co-optimisation, Algorithm 1)
 
 Heavy dependencies (torch, transformers, scikit-learn) are imported only by the command that needs
 them, so ``routenlp --help`` and the proxy stay light.  Errors are printed as one line naming the
@@ -214,7 +216,323 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="embedding cache file (default artifacts/cache/bench-embeddings-*)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
+    _add_coopt_parser(sub)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------------
+# routenlp coopt: the co-optimisation loop (coopt/loop.py) and each of its steps on its own
+
+
+def _task_counts(text: str) -> dict[str, int]:
+    """``banking77=250,clinc150=250,bitext=40`` -> {task: count}."""
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        task, _, count = part.partition("=")
+        try:
+            out[task.strip()] = int(count)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected task=count pairs, got {part!r}") from None
+    return out
+
+
+def _coopt_settings(args: argparse.Namespace):
+    """The run's settings: ``run.json`` of --run-dir when it exists, else the demo defaults; flags override."""
+    from coopt.loop import CooptSettings, load_settings
+
+    run_dir = Path(args.run_dir)
+    settings = load_settings(run_dir) if (run_dir / "run.json").is_file() else CooptSettings(run_dir=str(run_dir))
+    for flag, field_name in (("config", "config"), ("portfolio", "portfolio"), ("artifacts", "artifacts"),
+                             ("max_iterations", "max_iterations"), ("epsilon", "epsilon"), ("seed", "seed"),
+                             ("router_set", "router_set"), ("eval_set", "eval_set"), ("traffic", "traffic"),
+                             ("spend_logs_json", "spend_logs_json"), ("spend_logs_dsn", "spend_logs_dsn"),
+                             ("classifier_weight", "classifier_weight"),
+                             ("max_failures_per_task", "max_failures_per_task")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(settings, field_name, value)
+    if getattr(args, "tasks", None):
+        settings.tasks = tuple(args.tasks)
+    if getattr(args, "no_seed_labels", False):
+        settings.seed_labels = None
+    if getattr(args, "lora_steps", None) is not None:
+        settings.lora = {**settings.lora, "max_steps": args.lora_steps}
+    return settings
+
+
+def _cmd_coopt_run(args: argparse.Namespace) -> int:
+    from coopt.loop import Pipeline, run
+    from coopt.report import iteration_table, load_iterations, write_report
+
+    settings = _coopt_settings(args)
+    result = run(settings, progress=not args.no_progress)
+    print()
+    print(iteration_table(load_iterations(settings.run_dir)))
+    print(f"stopped: {result.stopped_because}; active iteration: {result.active}")
+    if args.compare:
+        from coopt.report import comparison_table
+
+        print(comparison_table(Pipeline(settings, progress=not args.no_progress).compare()))
+    print(f"report: {write_report(settings.run_dir)}")
+    return 0
+
+
+def _cmd_coopt_read_logs(args: argparse.Namespace) -> int:
+    from coopt.logs import (join_spend_logs, merge_sources, read_decision_log, read_spend_logs_json,
+                            read_spend_logs_postgres, summarise, tier_names_by_model_id, write_requests)
+
+    tiers = tier_names_by_model_id(args.config)
+    sources = [read_decision_log(path) for path in args.decisions or []]
+    sources += [join_spend_logs(read_spend_logs_json(path), tiers, args.model_group, "spend_logs_json")
+                for path in args.spend_logs_json or []]
+    if args.spend_logs_dsn:
+        rows = read_spend_logs_postgres(args.spend_logs_dsn, model_group=args.model_group)
+        sources.append(join_spend_logs(rows, tiers, args.model_group, "spend_logs_db"))
+    if not sources:
+        raise ValueError("give at least one of --decisions, --spend-logs-json, --spend-logs-dsn")
+    records = merge_sources(*sources)
+    write_requests(records, args.out)
+    print(f"{'task':<12} {'requests':>8} {'escalated':>9}  failed tier")
+    for task, entry in sorted(summarise(records).items()):
+        print(f"{task:<12} {entry['requests']:>8} {entry['escalated']:>9}  {entry['failed_tier']}")
+    print(f"{len(records)} requests -> {args.out}")
+    return 0
+
+
+def _cmd_coopt_failures(args: argparse.Namespace) -> int:
+    from coopt.failures import score_failures, write_failures
+    from coopt.logs import read_requests
+    from coopt.versions import serving
+
+    with serving(Path(args.serve) if args.serve else None, args.artifacts):
+        failures = score_failures(read_requests(args.requests), args.config, tasks=args.tasks,
+                                  max_tokens=args.max_tokens)
+    write_failures(failures, args.out)
+    for task in sorted({f.task for f in failures}):
+        gaps = [f.gap for f in failures if f.task == task]
+        print(f"{task:<12} {len(gaps):>5} failures, mean gap {sum(gaps) / len(gaps):.3f}")
+    print(f"{len(failures)} failures -> {args.out}")
+    return 0
+
+
+def _cmd_coopt_cluster(args: argparse.Namespace) -> int:
+    from coopt.clusters import cluster_all, cluster_report, write_clusters
+    from coopt.failures import read_failures
+    from litellm_routenlp.router_model import RouterModel
+
+    clustering = cluster_all(read_failures(args.failures), RouterModel.load(args.router, quantized=False),
+                             seed=args.seed)
+    write_clusters(clustering, args.out)
+    report = cluster_report(clustering)
+    if args.report:
+        Path(args.report).write_text(report, encoding="utf-8")
+    print(report)
+    return 0
+
+
+def _cmd_coopt_select(args: argparse.Namespace) -> int:
+    from coopt.clusters import read_clusters
+    from coopt.failures import read_failures
+    from coopt.logs import read_requests
+    from coopt.selection import composition, fill_teacher_outputs, select_random, select_targeted, write_items
+    from coopt.versions import serving
+
+    requests = read_requests(args.requests)
+    if args.random:
+        items = select_random(requests, args.random, seed=args.seed)
+    else:
+        if not args.failures or not args.clusters:
+            raise ValueError("targeted selection needs --failures and --clusters (or use --random task=n,...)")
+        items = select_targeted(read_failures(args.failures), read_clusters(args.clusters), requests,
+                                args.hard_fraction, args.random_share, seed=args.seed)
+    with serving(Path(args.serve) if args.serve else None, args.artifacts):
+        items = fill_teacher_outputs(items, args.config, max_tokens=args.teacher_max_tokens)
+    write_items(items, args.out)
+    print(f"{composition(items)} -> {args.out}")
+    return 0
+
+
+def _cmd_coopt_distill(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from coopt.loop import Pipeline
+    from coopt.selection import read_items
+
+    pipeline = Pipeline(_coopt_settings(args), progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    changed, report = pipeline.distill(read_items(args.items), Path(args.previous), out, None, {})
+    print(_json.dumps(report, indent=1))
+    print(f"changed tiers: {', '.join(sorted(changed)) or 'none'} -> {out}")
+    return 0
+
+
+def _cmd_coopt_retrain(args: argparse.Namespace) -> int:
+    from coopt.loop import Pipeline, finish_iteration
+    from coopt.report import iteration_table
+
+    pipeline = Pipeline(_coopt_settings(args), progress=not args.no_progress)
+    out = Path(args.out)
+    changed = {tier.strip() for tier in args.changed.split(",") if tier.strip()}
+    metrics = pipeline.rebuild(Path(args.previous), out, changed, {})
+    metrics.update({"iteration": args.iteration, "arm": "manual", "changed_tiers": sorted(changed)})
+    finish_iteration(out, metrics, args.iteration)
+    print(iteration_table([metrics]))
+    return 0
+
+
+def _cmd_coopt_compare(args: argparse.Namespace) -> int:
+    from coopt.loop import Pipeline, load_settings
+    from coopt.report import comparison_table, write_report
+
+    result = Pipeline(load_settings(args.run_dir), progress=not args.no_progress).compare()
+    print(comparison_table(result))
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _cmd_coopt_status(args: argparse.Namespace) -> int:
+    from coopt.report import iteration_table, load_iterations
+    from coopt.versions import active_iteration
+
+    print(iteration_table(load_iterations(args.run_dir)))
+    print(f"active iteration: {active_iteration(args.run_dir)}")
+    return 0
+
+
+def _cmd_coopt_activate(args: argparse.Namespace) -> int:
+    from coopt.versions import activate, active_config
+
+    activate(args.run_dir, args.iteration)
+    print(f"iteration {args.iteration} is active: litellm --config {active_config(args.run_dir)}")
+    return 0
+
+
+def _cmd_coopt_rollback(args: argparse.Namespace) -> int:
+    from coopt.versions import active_config, rollback
+
+    previous = rollback(args.run_dir)
+    print(f"rolled back to iteration {previous}: restart the proxy with litellm --config {active_config(args.run_dir)}")
+    return 0
+
+
+def _cmd_coopt_report(args: argparse.Namespace) -> int:
+    from coopt.report import write_report
+
+    path = write_report(args.run_dir)
+    print(path.read_text(encoding="utf-8"))
+    return 0
+
+
+def _add_coopt_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default="artifacts/coopt/demo", help="where the iterations are versioned")
+    p.add_argument("--config", default=None, help="base proxy config (default proxy_config.yaml)")
+    p.add_argument("--portfolio", default=None, help="portfolio YAML (default artifacts/portfolio.yaml)")
+    p.add_argument("--artifacts", default=None, help="base artifacts root (default artifacts)")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--max-iterations", type=int, default=None)
+    p.add_argument("--epsilon", type=float, default=None, help="stop when the cost ratio moves less (0.005)")
+    p.add_argument("--router-set", type=_task_counts, default=None, help="task=n,... labelled router queries")
+    p.add_argument("--eval-set", type=_task_counts, default=None, help="task=n,... held-out evaluation queries")
+    p.add_argument("--traffic", type=_task_counts, default=None, help="task=n,... fresh queries per iteration")
+    p.add_argument("--classifier-weight", type=int, default=None, help="repeats of a distilled query in T1's fit")
+    p.add_argument("--lora-steps", type=int, default=None, help="cap on SeqKD LoRA steps per iteration")
+    p.add_argument("--max-failures-per-task", type=int, default=None,
+                   help="score a seeded sample of each task's escalations (default: all)")
+    p.add_argument("--spend-logs-json", default=None, help="also read this GET /spend/logs JSON every iteration")
+    p.add_argument("--spend-logs-dsn", default=None, help="also read LiteLLM_SpendLogs from this PostgreSQL DSN")
+    p.add_argument("--no-seed-labels", action="store_true", help="do not reuse artifacts/labels/demo_allpairs.jsonl")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compare", action="store_true", help="then run the targeted-vs-random comparison")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_coopt_parser(sub: argparse._SubParsersAction) -> None:
+    coopt = sub.add_parser("coopt", help="co-optimisation: learn cheaper tiers from escalations (Algorithm 1)",
+                           description="Without a step: the whole loop (same as `coopt run`).")
+    _add_coopt_run_options(coopt)
+    coopt.set_defaults(func=_cmd_coopt_run)
+    steps = coopt.add_subparsers(dest="coopt_step")
+
+    p = steps.add_parser("run", help="the loop: iterate until the cost ratio moves < epsilon")
+    _add_coopt_run_options(p)
+    p.set_defaults(func=_cmd_coopt_run)
+
+    p = steps.add_parser("read-logs", help="1. decision log / spend logs -> one record per request")
+    p.add_argument("--decisions", action="append", help="RouteNLP decision log JSONL (repeatable)")
+    p.add_argument("--spend-logs-json", action="append", help="saved GET /spend/logs answer (repeatable)")
+    p.add_argument("--spend-logs-dsn", default=None, help="PostgreSQL DSN of LiteLLM's database (DATABASE_URL)")
+    p.add_argument("--model-group", default=None, help="keep one model alias (e.g. routenlp)")
+    p.add_argument("--config", default="proxy_config.yaml", help="maps deployment ids to tiers")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_coopt_read_logs)
+
+    p = steps.add_parser("failures", help="2. score escalated requests against the top tier's answers")
+    p.add_argument("--requests", required=True)
+    p.add_argument("--config", default="proxy_config.yaml")
+    p.add_argument("--serve", default=None, help="iteration directory whose distilled tiers answer (default: base)")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_coopt_failures)
+
+    p = steps.add_parser("cluster", help="3. PCA + k-means (k by silhouette) per task; top clusters report")
+    p.add_argument("--failures", required=True)
+    p.add_argument("--router", required=True, help="router artifact whose penultimate features are clustered")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", default=None, help="also write the readable report (markdown)")
+    p.set_defaults(func=_cmd_coopt_cluster)
+
+    p = steps.add_parser("select", help="4. distillation data (hard + random) with the teacher's answers")
+    p.add_argument("--requests", required=True)
+    p.add_argument("--failures", default=None)
+    p.add_argument("--clusters", default=None)
+    p.add_argument("--random", type=_task_counts, default=None, help="task=n,...: a random control set instead")
+    p.add_argument("--hard-fraction", type=float, default=0.3)
+    p.add_argument("--random-share", type=float, default=0.2)
+    p.add_argument("--config", default="proxy_config.yaml")
+    p.add_argument("--serve", default=None)
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--teacher-max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_coopt_select)
+
+    p = steps.add_parser("distill", help="5. label distillation (T1) and SeqKD LoRA (T2) into a new iteration dir")
+    _add_coopt_run_options(p)
+    p.add_argument("--items", required=True)
+    p.add_argument("--previous", required=True, help="iteration directory to start from")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_coopt_distill)
+
+    p = steps.add_parser("retrain", help="6. relabel changed tiers, retrain the router, recalibrate, measure")
+    _add_coopt_run_options(p)
+    p.add_argument("--previous", required=True, help="iteration whose labels are updated")
+    p.add_argument("--out", required=True, help="the directory `distill` wrote")
+    p.add_argument("--changed", default="T1,T2", help="tiers to relabel")
+    p.add_argument("--iteration", type=int, required=True, help="its number (recorded in the manifest)")
+    p.set_defaults(func=_cmd_coopt_retrain)
+
+    p = steps.add_parser("compare", help="targeted vs random distillation of as many examples, from iteration 0")
+    p.add_argument("--run-dir", default="artifacts/coopt/demo")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_coopt_compare)
+
+    for name, func, text in (("status", _cmd_coopt_status, "per-iteration table and the active iteration"),
+                             ("rollback", _cmd_coopt_rollback, "re-activate the previously active iteration"),
+                             ("report", _cmd_coopt_report, "write report.md and the plots")):
+        p = steps.add_parser(name, help=text)
+        p.add_argument("--run-dir", default="artifacts/coopt/demo")
+        p.set_defaults(func=func)
+
+    p = steps.add_parser("activate", help="serve an iteration (copies it to <run-dir>/active)")
+    p.add_argument("--run-dir", default="artifacts/coopt/demo")
+    p.add_argument("--iteration", type=int, required=True)
+    p.set_defaults(func=_cmd_coopt_activate)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -198,11 +198,10 @@ class RouteNLPCallback(CustomLogger):
             metadata = data.setdefault("metadata", {})
             decision = self.decide(data.get("messages"), metadata)
         except RequestError as error:
-            from fastapi import HTTPException
+            from litellm.proxy._types import ProxyException
 
-            raise HTTPException(status_code=400, detail={"error": {"message": str(error),
-                                                                   "type": "invalid_request_error",
-                                                                   "param": error.param}})
+            # ProxyException maps 1:1 to the OpenAI error body, `param` included
+            raise ProxyException(message=str(error), type="invalid_request_error", param=error.param, code=400)
         metadata[STATE_KEY] = {
             "decision": decision.to_dict(),
             "client_logprobs": bool(data.get("logprobs")),
@@ -332,6 +331,11 @@ class RouteNLPCallback(CustomLogger):
     def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool) -> None:
         """Remember the outcome for the headers hook and write the durable decision record."""
         decision = state["decision"]
+        logging_off = _message_logging_off(data)
+        if logging_off:  # provider errors may quote the prompt: keep only the exception type
+            for attempt in result.attempts:
+                attempt.error = redact_error(attempt.error)
+            result.escalation_error = redact_error(result.escalation_error)
         state["result"] = {
             "final_tier": result.final.tier,
             "path": result.path,
@@ -362,7 +366,7 @@ class RouteNLPCallback(CustomLogger):
             "stream": streamed,
             "key_alias": (data.get("metadata") or {}).get("user_api_key_alias"),
         }
-        if not _message_logging_off(data):
+        if not logging_off:
             record["prompt"] = query_text(data.get("messages"))
         self.decision_log.append(record)
 
@@ -474,10 +478,20 @@ class RouteNLPCallback(CustomLogger):
                        "routed_tier": self.tier_names.get(state["decision"].get("tier") or 0)},
             "attempts": [],
             "final_tier": None,
-            "error": f"{type(original_exception).__name__}: {str(original_exception)[:300]}",
+            "error": (type(original_exception).__name__ if _message_logging_off(request_data)
+                      else f"{type(original_exception).__name__}: {str(original_exception)[:300]}"),
         }
         self.decision_log.append(record)
         return None
+
+
+def redact_error(error: Optional[str]) -> Optional[str]:
+    """``"T3: APIError: ...prompt text..."`` -> ``"T3: APIError"``: what may be logged without prompts."""
+    if error is None:
+        return None
+    parts = error.split(": ")
+    keep = parts[:2] if parts[0].startswith("T") and parts[0][1:].isdigit() else parts[:1]
+    return ": ".join(keep)
 
 
 def failed_deployment_ids(metadata: dict[str, Any]) -> set[str]:

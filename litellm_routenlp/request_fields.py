@@ -92,10 +92,28 @@ def validate_request(data: Mapping[str, Any]) -> None:
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise RequestError("metadata must be an object", param="metadata")
+    for param in ("max_tokens", "max_completion_tokens"):
+        value = data.get(param)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RequestError(f"`{param}` must be a positive integer, got {value!r}", param=param)
+    guardrails = data.get("guardrails")
+    names = guardrails if isinstance(guardrails, list) else [guardrails] if isinstance(guardrails, str) else []
+    for name in names:
+        # LiteLLM 1.106.2 echoes guardrail names in a response header and answers 500 on non-latin-1 text
+        if isinstance(name, str) and not _latin1(name):
+            raise RequestError(f"guardrail name {name!r} is not a configured guardrail", param="guardrails")
     for param in UNSUPPORTED_PARAMS:
         if data.get(param) not in (None, [], {}):
             raise RequestError(f"`{param}` is not supported by the routenlp model: tiers differ in tool and "
                                "format support, and the cascade judges plain text answers", param=param)
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def forwarded_params(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -94,3 +94,11 @@ def test_tool_calls_and_unsupported_parameters_are_refused(param, value):
     with pytest.raises(RequestError, match=f"`{param}` is not supported") as info:
         validate_request({"messages": [{"role": "user", "content": "hi"}], param: value})
     assert info.value.param == param
+
+
+@pytest.mark.parametrize("param, value", [("max_tokens", "ten"), ("max_tokens", 0), ("max_completion_tokens", -5),
+                                          ("max_tokens", True), ("guardrails", ["\u0100"])])
+def test_malformed_numbers_and_guardrail_names_are_refused(param, value):
+    with pytest.raises(RequestError) as info:
+        validate_request({"messages": [{"role": "user", "content": "hi"}], param: value})
+    assert info.value.param == param
