@@ -17,6 +17,7 @@ Hook order for a request to the alias (``routenlp`` by default):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import datetime, timezone
@@ -196,7 +197,8 @@ class RouteNLPCallback(CustomLogger):
         try:
             validate_request(data)
             metadata = data.setdefault("metadata", {})
-            decision = self.decide(data.get("messages"), metadata)
+            # ONNX Runtime releases the GIL: off the event loop, the router overlaps other requests
+            decision = await asyncio.to_thread(self.decide, data.get("messages"), metadata)
         except RequestError as error:
             from litellm.proxy._types import ProxyException
 
@@ -328,8 +330,11 @@ class RouteNLPCallback(CustomLogger):
             max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy,
             budget_usd=remaining)
 
-    def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool) -> None:
-        """Remember the outcome for the headers hook and write the durable decision record."""
+    async def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool) -> None:
+        """Remember the outcome for the headers hook and write the durable decision record.
+
+        The record is on disk (fsync'd) before the answer leaves; the fsync runs in a worker thread
+        so the event loop keeps serving other requests meanwhile."""
         decision = state["decision"]
         logging_off = _message_logging_off(data)
         if logging_off:  # provider errors may quote the prompt: keep only the exception type
@@ -368,7 +373,7 @@ class RouteNLPCallback(CustomLogger):
         }
         if not logging_off:
             record["prompt"] = query_text(data.get("messages"))
-        self.decision_log.append(record)
+        await asyncio.to_thread(self.decision_log.append, record)
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         state = self._state(data)
@@ -378,7 +383,7 @@ class RouteNLPCallback(CustomLogger):
         latency = (time.time() - state.get("started", time.time())) * 1000.0
         first = self._answer(response, latency, decision.get("tier"))
         result = await self._cascade(data, state, first)
-        self._finish(data, state, result, streamed=False)
+        await self._finish(data, state, result, streamed=False)
         final = result.final.response
         if not state.get("client_logprobs"):
             for choice in getattr(final, "choices", None) or []:
@@ -431,7 +436,7 @@ class RouteNLPCallback(CustomLogger):
             result.attempts.append(Attempt(
                 tier=routed, tier_name=self.tier_names.get(routed, f"T{routed}"), model_id=None,
                 uncertainty=None, threshold=None, cost_usd=0.0, latency_ms=0.0))
-            self._finish(data, state, result, streamed=True)
+            await self._finish(data, state, result, streamed=True)
             state["result"]["streaming_cascade"] = "off"
             return
         started = time.perf_counter()
@@ -443,7 +448,7 @@ class RouteNLPCallback(CustomLogger):
             priced = price_usage(self._litellm_params(first.model_id), buffered.usage)
             first.cost_usd = priced if priced is not None else first.cost_usd
         result = await self._cascade(data, state, first)
-        self._finish(data, state, result, streamed=True)
+        await self._finish(data, state, result, streamed=True)
         if result.final is first:
             state["replay"] = buffered.chunks
         else:
@@ -481,7 +486,7 @@ class RouteNLPCallback(CustomLogger):
             "error": (type(original_exception).__name__ if _message_logging_off(request_data)
                       else f"{type(original_exception).__name__}: {str(original_exception)[:300]}"),
         }
-        self.decision_log.append(record)
+        await asyncio.to_thread(self.decision_log.append, record)
         return None
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 
 import litellm
@@ -78,7 +80,7 @@ def _finish_one(callback, prompt):
     result = CascadeResult(final=first)
     result.attempts.append(Attempt(tier=2, tier_name="T2", model_id="t2", uncertainty=0.2, threshold=0.3,
                                    cost_usd=0.01, latency_ms=5.0))
-    callback._finish(data, state, result, streamed=False)
+    asyncio.run(callback._finish(data, state, result, streamed=False))
     return state
 
 
