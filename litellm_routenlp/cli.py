@@ -387,7 +387,7 @@ def _cmd_coopt_compare(args: argparse.Namespace) -> int:
     from coopt.loop import Pipeline, load_settings
     from coopt.report import comparison_table, write_report
 
-    result = Pipeline(load_settings(args.run_dir), progress=not args.no_progress).compare()
+    result = Pipeline(load_settings(args.run_dir), progress=not args.no_progress).compare(args.repeats, args.tasks)
     print(comparison_table(result))
     print(f"report: {write_report(args.run_dir)}")
     return 0
@@ -519,6 +519,8 @@ def _add_coopt_parser(sub: argparse._SubParsersAction) -> None:
 
     p = steps.add_parser("compare", help="targeted vs random distillation of as many examples, from iteration 0")
     p.add_argument("--run-dir", default="artifacts/coopt/demo")
+    p.add_argument("--repeats", type=int, default=1, help="random arms, one seed each (the mean is compared)")
+    p.add_argument("--tasks", nargs="+", default=None, help="limit the random arms to these tasks")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_coopt_compare)
 

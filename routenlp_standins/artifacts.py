@@ -9,6 +9,11 @@ working directory, because the proxy is started from the repository root)::
     smollm2/                          T2 transformers-format copy of SmolLM2-135M-Instruct
 
 Weights go to safetensors and metadata to JSON: nothing here is ever pickled.
+
+Co-optimisation (``routenlp coopt``) writes distilled tiers into an iteration directory with the same
+layout (``tiers/classifier/<task>.*``) plus ``lora/smollm2/`` (a PEFT adapter).  When the env variable
+``ROUTENLP_COOPT_DIR`` names such a directory, the classifier of a task it holds and the adapter it
+holds are served instead of the base artifacts; unset (the default), nothing changes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 TIER_NAMES = ("classifier", "smollm2", "retrieval", "replay")  # T1..T4, cheapest first
 ARTIFACTS_ENV = "ROUTENLP_ARTIFACTS_DIR"
+COOPT_ENV = "ROUTENLP_COOPT_DIR"  # a co-optimisation iteration whose distilled tiers are served
 BUILD_COMMAND = "python -m routenlp_standins build"
 
 
@@ -99,3 +105,26 @@ def tier_artifact_exists(root: Path, tier: str, task: str) -> bool:
 def smollm2_exists(root: Path) -> bool:
     directory = smollm2_dir(root)
     return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def coopt_dir() -> Path | None:
+    """The co-optimisation iteration named by ``$ROUTENLP_COOPT_DIR``, or None (read at use time)."""
+    value = os.environ.get(COOPT_ENV)
+    return Path(value) if value else None
+
+
+def classifier_root(root: Path, task: str) -> Path:
+    """Where the classifier of ``task`` is loaded from: the co-opt iteration when it holds one, else ``root``."""
+    override = coopt_dir()
+    if override is not None and tier_artifact_exists(override, "classifier", task):
+        return override
+    return root
+
+
+def smollm2_adapter_dir() -> Path | None:
+    """The PEFT adapter for the SmolLM2 tier in the co-opt iteration, or None."""
+    override = coopt_dir()
+    if override is None:
+        return None
+    adapter = override / "lora" / "smollm2"
+    return adapter if (adapter / "adapter_config.json").is_file() else None

@@ -152,9 +152,10 @@ def message_text(message: dict[str, Any]) -> str:
 class SmolLM2Tier:
     """Lazy-loaded SmolLM2 from ``artifacts/smollm2``; ``warmup()`` loads it (and measures) at start-up."""
 
-    def __init__(self, root: Path, threads: int = TORCH_THREADS) -> None:
+    def __init__(self, root: Path, threads: int = TORCH_THREADS, adapter_dir: Optional[Path] = None) -> None:
         self.root = root
         self.model_dir = smollm2_dir(root)
+        self.adapter_dir = adapter_dir  # a PEFT LoRA adapter from co-optimisation, merged at load
         self.threads = threads
         self._model: Any = None
         self._tokenizer: Any = None
@@ -180,6 +181,11 @@ class SmolLM2Tier:
             torch.set_num_threads(self.threads)
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            if self.adapter_dir is not None:
+                # Merged once: serving then costs what the base model costs (vLLM applies it per request).
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, str(self.adapter_dir)).merge_and_unload()
             model.eval()
             eos = {tokenizer.eos_token_id, model.generation_config.eos_token_id, model.config.eos_token_id}
             flat: set[int] = set()

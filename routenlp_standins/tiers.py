@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from routenlp_standins.answer import UnsupportedTaskError
+from routenlp_standins.artifacts import classifier_root, smollm2_adapter_dir
 from routenlp_standins.smollm import SmolLM2Tier
 
 _lock = threading.Lock()
@@ -37,11 +38,16 @@ def _key(root: Path) -> str:
 
 
 def smollm2(root: Path) -> SmolLM2Tier:
-    """The process-wide SmolLM2 tier for ``root`` (the model itself loads lazily, on first use)."""
-    key = (_key(root), "smollm2", "")
+    """The process-wide SmolLM2 tier for ``root`` (the model itself loads lazily, on first use).
+
+    With a co-optimisation adapter (``ROUTENLP_COOPT_DIR``) it is a separate entry: base and adapted
+    models never share a cache slot.
+    """
+    adapter = smollm2_adapter_dir()
+    key = (_key(root), "smollm2", "" if adapter is None else _key(adapter))
     with _lock:
         if key not in _loaded:
-            _loaded[key] = SmolLM2Tier(Path(root))
+            _loaded[key] = SmolLM2Tier(Path(root), adapter_dir=adapter)
         return _loaded[key]
 
 
@@ -51,24 +57,25 @@ def task_tier(root: Path, tier: str, task: str) -> Any:
     Raises :class:`UnsupportedTaskError` for a task the tier cannot serve and
     :class:`~routenlp_standins.artifacts.MissingArtifactError` when its artifact is not built.
     """
-    key = (_key(root), tier, task)
+    source = classifier_root(Path(root), task) if tier == "classifier" else Path(root)
+    key = (_key(root), tier, task) if source == Path(root) else (_key(root), tier, task, _key(source))
     found = _loaded.get(key)
     if found is not None:
         return found
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _load(Path(root), tier, task)
+            _loaded[key] = _load(Path(root), tier, task, source)
         return _loaded[key]
 
 
-def _load(root: Path, tier: str, task: str) -> Any:
+def _load(root: Path, tier: str, task: str, source: Path) -> Any:
     from routenlp_standins.classifier import ClassifierTier, check_classifiable
     from routenlp_standins.replay import ReplayTier
     from routenlp_standins.retrieval import RetrievalTier, vote_groups
 
     if tier == "classifier":
         check_classifiable(task)
-        return ClassifierTier(root, task)
+        return ClassifierTier(source, task)  # source: a distilled head from a co-opt iteration, or root
     if tier == "retrieval":
         vote_groups(task, [])  # raises for tasks with nothing to vote on
         return RetrievalTier(root, task)
