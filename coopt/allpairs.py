@@ -373,11 +373,9 @@ def append_allpairs(records: Iterable[AllPairsRecord], path: str | os.PathLike[s
 
 def data_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of the file's bytes: which data an artifact was trained or calibrated on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from litellm_routenlp.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 def records_sha256(records: Sequence[AllPairsRecord]) -> str:

