@@ -373,7 +373,7 @@ class RouteNLPCallback(CustomLogger):
         }
         if not logging_off:
             record["prompt"] = query_text(data.get("messages"))
-        await asyncio.to_thread(self.decision_log.append, record)
+        await self.decision_log.append_async(record)
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         state = self._state(data)
@@ -486,7 +486,7 @@ class RouteNLPCallback(CustomLogger):
             "error": (type(original_exception).__name__ if _message_logging_off(request_data)
                       else f"{type(original_exception).__name__}: {str(original_exception)[:300]}"),
         }
-        await asyncio.to_thread(self.decision_log.append, record)
+        await self.decision_log.append_async(record)
         return None
 
 

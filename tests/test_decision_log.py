@@ -37,3 +37,280 @@ def test_append_only_across_reopen(tmp_path):
         log.close()
     assert [r["request_id"] for r in read_decisions(path)] == ["a", "b"]
     assert os.stat(path).st_size == len(path.read_bytes())
+
+
+# ----------------------------------------------------------------------------------- group commit
+import asyncio  # noqa: E402
+import errno  # noqa: E402
+import threading  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from litellm_routenlp.decision_log import DecisionLogClosed  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class _GatedFsync:
+    """``os.fsync`` stand-in: counts calls on the log's descriptor and can hold the writer inside the
+    first one, so records submitted meanwhile are known to be pending together."""
+
+    def __init__(self, monkeypatch, log: DecisionLog, hold_first: bool = False, delay: float = 0.0):
+        self.fd = log._fd
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.delay = delay
+        self._real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd):
+        if fd == self.fd:
+            self.calls += 1
+            self.entered.set()
+            assert self.release.wait(30), "test never released the held fsync"
+            if self.delay:
+                threading.Event().wait(self.delay)
+        return self._real(fd)
+
+
+def _ids(path, strict=True):
+    return [r["request_id"] for r in read_decisions(path, strict=strict)]
+
+
+def test_many_threads_each_record_exactly_once_with_shared_fsyncs(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fsyncs = _GatedFsync(monkeypatch, log, delay=0.002)  # a disk-like fsync, so arrivals overlap
+    threads, per_thread = 32, 25
+    barrier = threading.Barrier(threads)
+
+    def worker(t):
+        barrier.wait()
+        for i in range(per_thread):
+            log.append({"request_id": f"t{t}-{i}", "payload": "x" * (i * 7)})
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(worker, range(threads)))
+    log.close()
+    ids = _ids(path)  # strict: raises on any torn or interleaved line
+    expected = {f"t{t}-{i}" for t in range(threads) for i in range(per_thread)}
+    assert len(ids) == len(expected) and set(ids) == expected
+    for t in range(threads):  # each thread's records in its own order (it waited for each one)
+        assert [i for i in ids if i.startswith(f"t{t}-")] == [f"t{t}-{i}" for i in range(per_thread)]
+    assert 1 <= fsyncs.calls < len(expected), f"{fsyncs.calls} fsyncs for {len(expected)} records"
+
+
+def test_many_asyncio_tasks_each_record_exactly_once_with_shared_fsyncs(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fsyncs = _GatedFsync(monkeypatch, log, delay=0.002)
+    tasks, per_task = 200, 5
+
+    async def client(t):
+        for i in range(per_task):
+            await log.append_async({"request_id": f"a{t}-{i}"})
+
+    async def main():
+        await asyncio.gather(*(client(t) for t in range(tasks)))
+
+    asyncio.run(main())
+    log.close()
+    ids = _ids(path)
+    assert sorted(ids) == sorted(f"a{t}-{i}" for t in range(tasks) for i in range(per_task))
+    assert 1 <= fsyncs.calls < tasks * per_task / 4, f"{fsyncs.calls} fsyncs for {tasks * per_task} records"
+
+
+def test_records_that_arrive_together_share_one_fsync_and_wait_for_it(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
+    first = log.submit({"request_id": "first"})
+    assert fsyncs.entered.wait(10)
+    # the writer is inside first's fsync: first is written but not yet durable, so not acknowledged
+    assert not first.done()
+    rest = [log.submit({"request_id": f"r{i}"}) for i in range(99)]
+    assert not any(f.done() for f in rest)
+    fsyncs.release.set()
+    first.result(10)
+    for future in rest:
+        assert future.result(10) is None
+    assert fsyncs.calls == 2  # one for "first", ONE for the 99 that were pending together
+    log.close()
+    assert _ids(path) == ["first"] + [f"r{i}" for i in range(99)]
+
+
+def test_batch_size_is_capped(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path, max_batch_records=10)
+    fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
+    first = log.submit({"request_id": "first"})
+    assert fsyncs.entered.wait(10)
+    rest = [log.submit({"request_id": f"r{i}"}) for i in range(45)]
+    fsyncs.release.set()
+    for future in [first, *rest]:
+        future.result(10)
+    assert fsyncs.calls == 1 + 5
+    log.close()
+    assert len(_ids(path)) == 46
+
+
+def test_idle_append_does_not_wait_for_a_batch(tmp_path):
+    log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
+    import time
+
+    for _ in range(20):  # a lone record is written at once; no batching timer
+        started = time.perf_counter()
+        log.append({"request_id": "x"})
+        assert time.perf_counter() - started < 0.5
+    log.close()
+
+
+def test_failed_write_fails_its_whole_batch_and_later_appends_work(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
+    fd, real_write, failing = log._fd, os.write, threading.Event()
+
+    def write(target, data):
+        if target == fd and failing.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        return real_write(target, data)
+
+    monkeypatch.setattr(os, "write", write)
+    ok = log.submit({"request_id": "ok"})
+    assert fsyncs.entered.wait(10)
+    batch = [log.submit({"request_id": f"lost{i}"}) for i in range(5)]  # pending together
+    failing.set()
+    fsyncs.release.set()
+    ok.result(10)
+    for future in batch:
+        with pytest.raises(OSError) as raised:
+            future.result(10)
+        assert raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):  # the sync API raises too
+        log.append({"request_id": "lost-sync"})
+    failing.clear()
+    log.append({"request_id": "after"})  # the writer survived the error
+    asyncio.run(log.append_async({"request_id": "after-async"}))
+    log.close()
+    assert _ids(path) == ["ok", "after", "after-async"]
+
+
+@pytest.mark.parametrize("failure", ["short-write-then-error", "error-after-writing-some"])
+def test_partial_write_then_error_leaves_later_records_intact(tmp_path, monkeypatch, failure):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    log.append({"request_id": "a"})
+    fd, real_write, calls = log._fd, os.write, []
+
+    def write(target, data):
+        if target != fd:
+            return real_write(target, data)
+        calls.append(len(data))
+        if len(calls) == 1:  # half a line reaches the file ...
+            written = real_write(target, bytes(data[: len(data) // 2]))
+            if failure == "short-write-then-error":
+                return written
+            raise OSError(errno.EIO, "I/O error (test)")
+        if len(calls) == 2 and failure == "short-write-then-error":
+            raise OSError(errno.ENOSPC, "No space left on device (test)")  # ... then the device fails
+        return real_write(target, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError):
+        log.append({"request_id": "torn", "pad": "y" * 50})
+    log.append({"request_id": "b"})
+    log.close()
+    assert _ids(path, strict=False) == ["a", "b"]  # "b" was not glued onto the torn fragment
+    with pytest.raises(ValueError, match=":2:"):
+        list(read_decisions(path, strict=True))
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fd, real_write, calls = log._fd, os.write, []
+
+    def write(target, data):
+        if target == fd:
+            calls.append(len(data))
+            return real_write(target, bytes(data[:7]))  # the kernel accepts at most 7 bytes a call
+        return real_write(target, data)
+
+    monkeypatch.setattr(os, "write", write)
+    for i in range(5):
+        log.append({"request_id": f"s{i}", "text": "é" * i})
+    log.close()
+    assert _ids(path) == [f"s{i}" for i in range(5)]
+    assert len(calls) > 5
+
+
+def test_close_flushes_pending_records_then_refuses_new_ones(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
+    futures = [log.submit({"request_id": "first"})]
+    assert fsyncs.entered.wait(10)
+    futures += [log.submit({"request_id": f"p{i}"}) for i in range(50)]
+    closer = threading.Thread(target=log.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() must wait for the pending records"
+    fsyncs.release.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert _ids(path) == ["first"] + [f"p{i}" for i in range(50)]
+    with pytest.raises(DecisionLogClosed, match="closed"):
+        log.submit({"request_id": "late"})
+    with pytest.raises(DecisionLogClosed):
+        log.append({"request_id": "late"})
+    with pytest.raises(DecisionLogClosed):
+        asyncio.run(log.append_async({"request_id": "late"}))
+    log.close()  # idempotent
+    assert _ids(path)[-1] == "p49"
+
+
+def test_close_stops_the_writer_thread_and_closes_the_fd(tmp_path):
+    log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
+    writer_fd, thread = log._fd, log._writer.thread
+    futures = [log.submit({"request_id": str(i)}) for i in range(1000)]
+    log.close()
+    assert all(f.done() for f in futures)
+    assert not thread.is_alive()
+    with pytest.raises(OSError):
+        os.fstat(writer_fd)
+    assert len(_ids(tmp_path / "d.jsonl")) == 1000
+
+
+def test_cancelled_caller_still_gets_its_record_written(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
+
+    async def main():
+        first = asyncio.ensure_future(log.append_async({"request_id": "first"}))
+        await asyncio.to_thread(fsyncs.entered.wait, 10)
+        doomed = asyncio.ensure_future(log.append_async({"request_id": "cancelled"}))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        fsyncs.release.set()
+        await first
+        await log.append_async({"request_id": "next"})
+
+    asyncio.run(main())
+    log.close()
+    assert _ids(path) == ["first", "cancelled", "next"]
+
+
+def test_unserialisable_record_fails_in_the_caller(tmp_path):
+    log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
+    with pytest.raises(TypeError):
+        log.submit({"request_id": "x", "bad": {1j: 2}})  # a complex key: json.dumps refuses it here
+    log.append({"request_id": "y"})
+    log.close()
+    assert _ids(tmp_path / "d.jsonl") == ["y"]
