@@ -187,7 +187,8 @@ def _f(value: Optional[float], digits: int = 3) -> str:
 def print_report(training: list[dict[str, Any]], calibration: list[dict[str, Any]], args: argparse.Namespace,
                  total_seconds: float) -> None:
     print("## Router training on the shared multi-model sets\n")
-    print(f"Frozen all-MiniLM-L6-v2 (ONNX fp32) + 64-d task embedding + MLP 256; seed {args.seed}; "
+    encoder_name = json.loads((ENCODER_DIR / "encoder.json").read_text()).get("name", str(ENCODER_DIR))
+    print(f"Frozen {encoder_name} encoder (ONNX fp32) + 64-d task embedding + MLP 256; seed {args.seed}; "
           "validation = 15% of each task; one CPU thread.\n")
     print("| set | tiers (T1..Tk) | n | train / val | label share T1..Tk | train s | epochs (best) "
           "| val accuracy | majority tier | val CE | label prior CE |")
@@ -244,6 +245,7 @@ def print_report(training: list[dict[str, Any]], calibration: list[dict[str, Any
 
 
 def main() -> int:
+    global ENCODER_DIR
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write every number as JSON")
     parser.add_argument("--seed", type=int, default=0)
@@ -252,9 +254,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20,
                         help="extra random calibration/held-out splits for the mean held-out violation")
     parser.add_argument("--cache", type=Path, default=None, help="embedding cache (safetensors)")
+    parser.add_argument("--encoder-dir", type=Path, default=ENCODER_DIR,
+                        help="exported encoder (MiniLM: artifacts/encoder; static: artifacts/encoder-static)")
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS), metavar="SET",
                         help=f"subset of: {', '.join(SETS)}")
     args = parser.parse_args()
+    ENCODER_DIR = args.encoder_dir
     if not (ENCODER_DIR / "model.onnx").is_file():
         print(f"missing {ENCODER_DIR}/model.onnx: run `routenlp export-encoder` first", file=sys.stderr)
         return 2

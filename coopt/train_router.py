@@ -166,7 +166,8 @@ def frozen_embeddings(texts: Sequence[str], encoder_dir: Union[str, os.PathLike[
     if cache_path is None:
         cache_path = encoder_dir.resolve().parent / "cache" / f"embeddings-{graph_sha[:16]}.safetensors"
     embeddings = EmbeddingCache(cache_path, graph_sha).embed(texts, encoder)
-    return embeddings, _encoder_description(encoder.meta, graph_sha, _dir_hint(encoder_dir), encoder.max_length)
+    return embeddings, _encoder_description(encoder.meta, graph_sha, _dir_hint(encoder_dir), encoder.max_length,
+                                            encoder_dir)
 
 
 def _dir_hint(encoder_dir: Path) -> str:
@@ -179,18 +180,24 @@ def _dir_hint(encoder_dir: Path) -> str:
         return str(encoder_dir)
 
 
-def _encoder_description(meta: dict[str, Any], graph_sha: str, dir_hint: str, max_length: int) -> dict[str, Any]:
+def _encoder_description(meta: dict[str, Any], graph_sha: str, dir_hint: str, max_length: int,
+                         encoder_dir: Path) -> dict[str, Any]:
+    """What router.json records of its encoder: sha256 of each graph and its probe embeddings."""
+    from litellm_routenlp.encoder import graph_fingerprints
+
     by_file = dict(meta.get("sha256") or {})
     by_file["model.onnx"] = graph_sha
-    return {"name": meta.get("name"), "sha256": graph_sha, "sha256_by_file": by_file,
-            "trained_on": "model.onnx", "dir_hint": dir_hint, "max_length": max_length}
+    return {"name": meta.get("name"), "kind": meta.get("kind", "transformer"), "dim": int(meta["dim"]),
+            "sha256": graph_sha, "sha256_by_file": by_file, "trained_on": "model.onnx", "dir_hint": dir_hint,
+            "max_length": max_length, "probe_embeddings_by_file": graph_fingerprints(encoder_dir)}
 
 
 # --------------------------------------------------------------------------------------------------
 # Model, loss, numpy reference forward
 
 
-def _build_head(n_tasks: int, n_tiers: int, dropout: float):  # -> torch.nn.Module
+def _build_head(n_tasks: int, n_tiers: int, dropout: float,
+                embedding_dim: int = EMBEDDING_DIM):  # -> torch.nn.Module
     import torch
     from torch import nn
 
@@ -204,7 +211,7 @@ def _build_head(n_tasks: int, n_tiers: int, dropout: float):  # -> torch.nn.Modu
         def __init__(self) -> None:
             super().__init__()
             self.task_embedding = nn.Embedding(n_tasks, TASK_DIM)
-            self.hidden = nn.Linear(EMBEDDING_DIM + TASK_DIM, HIDDEN)
+            self.hidden = nn.Linear(embedding_dim + TASK_DIM, HIDDEN)
             self.out = nn.Linear(HIDDEN, n_tiers)
             self.dropout = nn.Dropout(dropout)
 
@@ -362,7 +369,8 @@ def export_head_onnx(head, out_dir: Path) -> tuple[Path, Path]:
 
     head.eval()
     fp32, int8 = out_dir / "head.onnx", out_dir / "head.int8.onnx"
-    example = (torch.zeros((2, EMBEDDING_DIM), dtype=torch.float32), torch.zeros((2,), dtype=torch.long))
+    example = (torch.zeros((2, head.hidden.in_features - TASK_DIM), dtype=torch.float32),
+               torch.zeros((2,), dtype=torch.long))
     with torch.no_grad(), warnings.catch_warnings():
         # dynamo=False is deliberate (DESIGN §4): silence the "legacy exporter" deprecation notice
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -461,7 +469,8 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
             source = minilm_model_path()
             encoder = _build_finetune_encoder(source, finetune_max_length)
             embedding_table = None
-        head = _build_head(len(prepared.tasks), len(portfolio.tiers), dropout)
+        embedding_dim = int(embeddings.shape[1]) if mode == "frozen" else EMBEDDING_DIM
+        head = _build_head(len(prepared.tasks), len(portfolio.tiers), dropout, embedding_dim)
         parameters = list(head.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
@@ -549,7 +558,7 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
         if encoder is not None:
             meta = _export_finetuned_encoder(encoder, source, out / "encoder", finetune_max_length)
             encoder_info = _encoder_description(meta, sha256_file(out / "encoder" / "model.onnx"),
-                                                "encoder", finetune_max_length)
+                                                "encoder", finetune_max_length, out / "encoder")
 
     report = TrainReport(out_dir=out, mode=mode, n_train=len(train_rows), n_val=len(val_rows),
                          epochs_run=epochs_run, best_epoch=best_epoch, initial_val_loss=initial_val_loss,
@@ -565,7 +574,7 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
         "encoder": encoder_info,
         "mode": mode,
         "data_sha256": data_hash,
-        "head": {"embedding_dim": EMBEDDING_DIM, "task_dim": TASK_DIM, "hidden": HIDDEN, "dropout": dropout,
+        "head": {"embedding_dim": embedding_dim, "task_dim": TASK_DIM, "hidden": HIDDEN, "dropout": dropout,
                  "inputs": ["embedding", "task_id"], "outputs": ["logits", "penultimate"]},
         "files": {name: sha256_file(out / name) for name in ARTIFACT_FILES},
         "training": {

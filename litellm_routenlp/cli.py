@@ -1,6 +1,7 @@
 """``routenlp``: the offline commands around the proxy plugin.
 
     routenlp export-encoder   [--out artifacts/encoder]
+    routenlp export-encoder   --static [--source artifacts/encoder] [--dim 256] [--out artifacts/encoder-static]
     routenlp build-artifacts  [--artifacts artifacts] [--router]
     routenlp label            --config proxy_config.yaml --task banking77 [--split train] [--limit N] --out F.jsonl
     routenlp train            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--mode frozen|finetune]
@@ -32,9 +33,14 @@ DEMO_PORTFOLIO = Path("artifacts/portfolio.yaml")
 
 
 def _cmd_export_encoder(args: argparse.Namespace) -> int:
-    from coopt.export_encoder import export_encoder
+    if args.static:
+        from coopt.static_encoder import export_static_encoder
 
-    out = export_encoder(args.out)
+        out = export_static_encoder(args.out or "artifacts/encoder-static", args.source, dim=args.dim)
+    else:
+        from coopt.export_encoder import export_encoder
+
+        out = export_encoder(args.out or "artifacts/encoder")
     print(f"encoder written to {out}")
     return 0
 
@@ -94,6 +100,12 @@ def _cmd_build_artifacts(args: argparse.Namespace) -> int:
 
         print("exporting the MiniLM encoder to ONNX ...", flush=True)
         export_encoder(encoder_dir)
+    static_dir = artifacts / "encoder-static"
+    if not (static_dir / "encoder.json").is_file():
+        from coopt.static_encoder import export_static_encoder
+
+        print("distilling the static router encoder from MiniLM ...", flush=True)
+        export_static_encoder(static_dir, encoder_dir)
     from routenlp_standins.build import build_all
 
     build_all(artifacts, tasks=DEMO_TASKS)
@@ -149,8 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routenlp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export-encoder", help="export all-MiniLM-L6-v2 to ONNX fp32 + int8")
-    p.add_argument("--out", default="artifacts/encoder")
+    p = sub.add_parser("export-encoder", help="export all-MiniLM-L6-v2 to ONNX fp32 + int8, or (--static) "
+                                              "distil the static lookup-table encoder the router serves")
+    p.add_argument("--out", default=None, help="default artifacts/encoder, or artifacts/encoder-static with --static")
+    p.add_argument("--static", action="store_true",
+                   help="distil a static token-embedding encoder from the exported MiniLM (Model2Vec-style)")
+    p.add_argument("--source", default="artifacts/encoder", help="with --static: the exported MiniLM directory")
+    p.add_argument("--dim", type=int, default=256, help="with --static: PCA dimensions of the table")
     p.set_defaults(func=_cmd_export_encoder)
 
     p = sub.add_parser("build-artifacts", help="build the default artifacts that are missing")

@@ -86,3 +86,35 @@ class OnnxSentenceEncoder:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text).ids)
+
+
+# Texts whose embeddings identify an encoder by what it computes rather than by its bytes: an
+# encoder rebuilt on another CPU (the static encoder is computed, not copied) differs from the one a
+# router was trained with by float rounding only, while another encoder differs by far more.
+PROBE_TEXTS = ("my card got eaten by the atm, what now?",
+               "Summarise the clauses on liability and termination in this contract.",
+               "how many calories are in a glass of orange juice")
+PROBE_TOLERANCE = 1e-3
+
+
+def probe_embeddings(encoder: OnnxSentenceEncoder) -> list[list[float]]:
+    """Embeddings of :data:`PROBE_TEXTS`, rounded for JSON."""
+    return [[round(float(v), 6) for v in row] for row in encoder.encode(list(PROBE_TEXTS))]
+
+
+def graph_fingerprints(encoder_dir: str | os.PathLike[str]) -> dict[str, list[list[float]]]:
+    """``{graph file: probe embeddings}`` for the fp32 and (if present) int8 graph of ``encoder_dir``."""
+    fingerprints = {}
+    for quantized, name in ((False, "model.onnx"), (True, "model.int8.onnx")):
+        if (Path(encoder_dir) / name).is_file():
+            fingerprints[name] = probe_embeddings(OnnxSentenceEncoder(encoder_dir, quantized=quantized))
+    return fingerprints
+
+
+def probe_distance(encoder: OnnxSentenceEncoder, recorded: Sequence[Sequence[float]]) -> float:
+    """Largest absolute difference between ``encoder``'s probe embeddings and ``recorded`` ones."""
+    actual = encoder.encode(list(PROBE_TEXTS))
+    expected = np.asarray(recorded, dtype=np.float64)
+    if expected.shape != actual.shape:
+        return float("inf")
+    return float(np.abs(actual - expected).max())

@@ -22,7 +22,7 @@ import numpy as np
 
 from .hashing import sha256_file
 
-from litellm_routenlp.encoder import EncoderArtifactError, OnnxSentenceEncoder
+from litellm_routenlp.encoder import PROBE_TOLERANCE, EncoderArtifactError, OnnxSentenceEncoder, probe_distance
 
 FORMAT_VERSION = 1
 UNKNOWN_TASK = "__unknown__"
@@ -130,6 +130,7 @@ class RouterModel:
         self.tiers: list[str] = list(meta["tiers"])
         self.tasks: list[str] = list(meta["tasks"])
         self._task_index = {task: position for position, task in enumerate(self.tasks)}
+        self.embedding_dim = int((meta.get("head") or {}).get("embedding_dim", 384))
 
     @classmethod
     def load(cls, artifact_dir: PathLike, encoder_dir: Optional[PathLike] = None, quantized: bool = True,
@@ -161,7 +162,11 @@ class RouterModel:
         if with_encoder:
             encoder = cls._load_encoder(artifact_dir, meta, encoder_dir, quantized, threads)
         model = cls(artifact_dir, meta, session, encoder)
-        probe = model.predict_proba_from_embeddings(np.zeros((1, 384), np.float32), np.array([len(model.tasks) - 1]))
+        if encoder is not None and encoder.dim != model.embedding_dim:
+            raise RouterArtifactError(f"{encoder.encoder_dir}: encoder gives {encoder.dim}-d vectors but the head in "
+                                      f"{artifact_dir} takes {model.embedding_dim}-d ones")
+        probe = model.predict_proba_from_embeddings(np.zeros((1, model.embedding_dim), np.float32),
+                                                    np.array([len(model.tasks) - 1]))
         if probe.shape != (1, len(model.tiers)):
             raise RouterArtifactError(f"{head_path}: produces {probe.shape[1]} logits, router.json lists "
                                       f"{len(model.tiers)} tiers")
@@ -183,10 +188,17 @@ class RouterModel:
             raise RouterArtifactError(f"{artifact_dir / 'router.json'}: records no sha256 for encoder graph "
                                       f"{graph.name}; cannot verify {graph}")
         actual = sha256_file(graph)
-        if actual != recorded[graph.name]:
-            raise RouterArtifactError(f"{graph}: sha256 {actual[:12]}... is not the encoder this router was "
-                                      f"trained with ({recorded[graph.name][:12]}..., router.json)")
-        return encoder
+        if actual == recorded[graph.name]:
+            return encoder
+        # Not the same bytes: accept an encoder that computes the same embeddings (a static encoder
+        # rebuilt on another CPU differs by float rounding only); refuse any other.
+        probes = (meta["encoder"].get("probe_embeddings_by_file") or {}).get(graph.name)
+        distance = probe_distance(encoder, probes) if probes else None
+        if distance is not None and distance <= PROBE_TOLERANCE:
+            return encoder
+        detail = "" if distance is None else f"; its probe embeddings differ by {distance:.3g} > {PROBE_TOLERANCE}"
+        raise RouterArtifactError(f"{graph}: sha256 {actual[:12]}... is not the encoder this router was "
+                                  f"trained with ({recorded[graph.name][:12]}..., router.json){detail}")
 
     # ----------------------------------------------------------------------------------------------
 
