@@ -3,8 +3,11 @@
 1. label held-out queries of the demo tasks with every tier of ``proxy_config.yaml`` (the test splits:
    T1 and T3 learned from the train splits, so their train-split answers would flatter them);
 2. split the labelled queries by a hash of their id into router-training (60%) and calibration (40%);
-3. ``train_router`` (frozen encoder) -> ``artifacts/router``;
-4. ``calibrate`` on the calibration part, under the trained router -> ``artifacts/thresholds.json``.
+3. ``train_router`` (frozen encoder) twice on the same labels: on the static encoder ->
+   ``artifacts/router`` (what the proxy serves: the router's decision costs well under a
+   millisecond) and on MiniLM -> ``artifacts/router-minilm`` (the slower alternative; the latency
+   benchmark compares the two);
+4. ``calibrate`` on the calibration part, under the served router -> ``artifacts/thresholds.json``.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_co
     train_path, calib_path = labels_dir / "demo_train.jsonl", labels_dir / "demo_calibration.jsonl"
     write_allpairs(train_part, train_path)
     write_allpairs(calib_part, calib_path)
-    report = train_router(train_part, portfolio, artifacts / "router", mode="frozen",
-                          encoder_dir=artifacts / "encoder", seed=seed)
-    print(report)
+    for out, encoder in (("router", "encoder-static"), ("router-minilm", "encoder")):
+        report = train_router(train_part, portfolio, artifacts / out, mode="frozen",
+                              encoder_dir=artifacts / encoder, seed=seed)
+        print(f"{out} ({encoder}): {report}")
     result = calibrate(calib_path, portfolio, router_artifact=artifacts / "router", alpha=0.05,
                        out_path=artifacts / "thresholds.json")
     print(json.dumps(result.get("thresholds", {}), indent=1))

@@ -98,6 +98,8 @@ class RouteNLPCallback(CustomLogger):
         self.thresholds = thresholds
         self.decision_log = decision_log
         self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
+        encoder = router.encoder if router is not None else None
+        self._router_offload = encoder is not None and encoder.meta.get("kind") != "static"
         self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
 
     # ------------------------------------------------------------------ construction
@@ -197,8 +199,12 @@ class RouteNLPCallback(CustomLogger):
         try:
             validate_request(data)
             metadata = data.setdefault("metadata", {})
-            # ONNX Runtime releases the GIL: off the event loop, the router overlaps other requests
-            decision = await asyncio.to_thread(self.decide, data.get("messages"), metadata)
+            if self._router_offload:
+                # a transformer encoder takes milliseconds and ONNX Runtime releases the GIL: off the
+                # event loop, the router overlaps other requests
+                decision = await asyncio.to_thread(self.decide, data.get("messages"), metadata)
+            else:  # a static encoder's lookup costs less than the hop to a worker thread
+                decision = self.decide(data.get("messages"), metadata)
         except RequestError as error:
             from litellm.proxy._types import ProxyException
 

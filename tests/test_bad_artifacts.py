@@ -25,7 +25,8 @@ from litellm_routenlp.router_model import RouterArtifactError, RouterModel
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTER = ROOT / "artifacts" / "router"
-ENCODER = ROOT / "artifacts" / "encoder"
+ENCODER = ROOT / "artifacts" / "encoder-static"   # the shipped router's encoder
+MINILM = ROOT / "artifacts" / "encoder"
 THRESHOLDS = ROOT / "artifacts" / "thresholds.json"
 
 
@@ -124,11 +125,10 @@ def test_router_for_a_different_tier_count_than_the_config_is_refused(artifacts)
 def wrong_encoders(tmp_path_factory):
     """Encoder directories that are not the one the router was trained with."""
     base = tmp_path_factory.mktemp("encoders")
-    other = base / "other_graph"          # a valid ONNX graph, but another one (fp32 saved as the int8 file)
+    other = base / "other_graph"          # valid ONNX graphs of the same width, but another encoder (MiniLM)
     other.mkdir()
-    for name in ("encoder.json", "tokenizer.json", "model.onnx"):
-        shutil.copy(ENCODER / name, other / name)
-    shutil.copy(ENCODER / "model.onnx", other / "model.int8.onnx")
+    for name in ("encoder.json", "tokenizer.json", "model.onnx", "model.int8.onnx"):
+        (other / name).symlink_to(MINILM / name)
     corrupt = base / "corrupt_graph"      # not an ONNX graph at all
     corrupt.mkdir()
     for name in ("encoder.json", "tokenizer.json"):

@@ -33,8 +33,10 @@ def static() -> OnnxSentenceEncoder:
 
 def test_graph_is_a_masked_lookup_with_zero_special_rows(static):
     meta = json.loads((STATIC_DIR / "encoder.json").read_text())
-    assert meta["kind"] == "static" and static.dim == meta["dim"] == 256
+    assert meta["kind"] == "static" and static.dim == meta["dim"] == 384
+    assert meta["tuned"]["split"] == "train" and meta["tuned"]["loss_by_epoch"][-1] < meta["tuned"]["loss_by_epoch"][0]
     table = numpy_helper.to_array(onnx.load(str(STATIC_DIR / "model.onnx")).graph.initializer[0])
+    assert table.dtype == np.float16 and table.shape == (len(static.tokenizer.get_vocab()), 384)
     vocab = static.tokenizer.get_vocab()
     for special in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"):
         assert not table[vocab[special]].any(), special
@@ -96,6 +98,7 @@ def _rebuilt_encoder(target: Path, noise: float) -> Path:
     target.mkdir()
     table = numpy_helper.to_array(onnx.load(str(STATIC_DIR / "model.onnx")).graph.initializer[0])
     rng = np.random.default_rng(1)
+    table = table.astype(np.float32)
     shifted = (table + rng.normal(scale=noise, size=table.shape) * (table != 0)).astype(np.float32)
     onnx.save(_gather_graph(shifted), str(target / "model.onnx"))
     shutil.copyfile(target / "model.onnx", target / "model.int8.onnx")
@@ -106,10 +109,10 @@ def _rebuilt_encoder(target: Path, noise: float) -> Path:
 
 def test_router_records_encoder_kind_dim_and_probes(static_router):
     meta = json.loads((static_router / "router.json").read_text())
-    assert meta["encoder"]["kind"] == "static" and meta["encoder"]["dim"] == 256
-    assert meta["head"]["embedding_dim"] == 256
+    assert meta["encoder"]["kind"] == "static" and meta["encoder"]["dim"] == 384
+    assert meta["head"]["embedding_dim"] == 384
     probes = meta["encoder"]["probe_embeddings_by_file"]
-    assert set(probes) == {"model.onnx", "model.int8.onnx"} and np.asarray(probes["model.onnx"]).shape == (3, 256)
+    assert set(probes) == {"model.onnx", "model.int8.onnx"} and np.asarray(probes["model.onnx"]).shape == (3, 384)
     model = RouterModel.load(static_router, encoder_dir=STATIC_DIR)
     probabilities = model.predict_proba(["Is it true that cracking your knuckles causes arthritis?"], ["truthfulqa"])
     assert probabilities.shape == (1, 4) and abs(probabilities.sum() - 1.0) < 1e-6
@@ -132,6 +135,17 @@ def test_an_encoder_that_computes_differently_is_refused(static_router, tmp_path
         RouterModel.load(static_router, encoder_dir=other)
 
 
-def test_a_router_refuses_an_encoder_of_another_width(static_router):
-    with pytest.raises(RouterArtifactError, match="is not the encoder"):
+def test_a_router_refuses_another_encoder_of_the_same_width(static_router):
+    with pytest.raises(RouterArtifactError, match="is not the encoder .* probe embeddings differ"):
         RouterModel.load(static_router, encoder_dir=MINILM_DIR)
+
+
+def test_tuned_static_encoder_tracks_minilm_on_held_out_texts(static):
+    """The tuning read only train splits; on test-split texts of every task the static embedding
+    stays close to MiniLM's (measured: mean cosine 0.83 over 1,491 texts of 8 tasks)."""
+    from coopt.tasks import TASKS, get_task
+
+    texts = [example.text for name in TASKS for example in get_task(name).load("test", limit=60, seed=1)]
+    minilm = OnnxSentenceEncoder(MINILM_DIR, quantized=False)
+    cosine = np.sum(static.encode(texts) * minilm.encode(texts), axis=1)
+    assert cosine.mean() > 0.75, cosine.mean()
