@@ -67,7 +67,9 @@ class OnnxSentenceEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             batch = list(texts[start:start + batch_size])
-            encodings = self.tokenizer.encode_batch(batch)
+            # one text (the proxy's case): encode() stays on this thread; encode_batch() hands the work
+            # to the tokenizers thread pool, whose wake-up costs more than the tokenising on a busy CPU
+            encodings = [self.tokenizer.encode(batch[0])] if len(batch) == 1 else self.tokenizer.encode_batch(batch)
             length = max(len(e.ids) for e in encodings)
             ids = np.zeros((len(batch), length), dtype=np.int64)
             mask = np.zeros((len(batch), length), dtype=np.int64)
