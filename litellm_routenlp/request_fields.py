@@ -96,16 +96,33 @@ def validate_request(data: Mapping[str, Any]) -> None:
         value = data.get(param)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RequestError(f"`{param}` must be a positive integer, got {value!r}", param=param)
-    guardrails = data.get("guardrails")
-    names = guardrails if isinstance(guardrails, list) else [guardrails] if isinstance(guardrails, str) else []
-    for name in names:
-        # LiteLLM 1.106.2 echoes guardrail names in a response header and answers 500 on non-latin-1 text
-        if isinstance(name, str) and not _latin1(name):
-            raise RequestError(f"guardrail name {name!r} is not a configured guardrail", param="guardrails")
+    _refuse_unencodable_guardrails(data)
     for param in UNSUPPORTED_PARAMS:
         if data.get(param) not in (None, [], {}):
             raise RequestError(f"`{param}` is not supported by the routenlp model: tiers differ in tool and "
                                "format support, and the cascade judges plain text answers", param=param)
+
+
+def _refuse_unencodable_guardrails(data: dict) -> None:
+    """400 for a guardrail name that is not latin-1.
+
+    LiteLLM 1.106.2 echoes requested guardrail names in a response header, and a header must be
+    latin-1, so such a name ends in a 500 (on the error response too).  Before the pre-call hook
+    runs, the proxy has moved a body-level ``guardrails`` into the metadata (and its
+    ``requester_metadata`` copy).  The names are removed before refusing, so that the 400 itself
+    can be sent.
+    """
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    holders = [h for h in (data, metadata, data.get("litellm_metadata"), metadata.get("requester_metadata"))
+               if isinstance(h, dict)]
+    for holder in holders:
+        guardrails = holder.get("guardrails")
+        names = guardrails if isinstance(guardrails, list) else [guardrails] if isinstance(guardrails, str) else []
+        bad = next((name for name in names if isinstance(name, str) and not _latin1(name)), None)
+        if bad is not None:
+            for other in holders:
+                other.pop("guardrails", None)
+            raise RequestError(f"guardrail name {bad!r} is not a configured guardrail", param="guardrails")
 
 
 def _latin1(text: str) -> bool:

@@ -378,8 +378,22 @@ def test_unsupported_or_invalid_parameter_values_never_5xx(http, extra, task):
         assert parsed["choices"][0]["message"]["content"] != "not from a tier", "a client must not pick the answer"
 
 
+@pytest.mark.parametrize("where", ["body", "metadata"])
+def test_non_latin1_guardrail_names_get_a_400_not_a_500(http, texts, where):
+    """LiteLLM echoes guardrail names in a latin-1 response header; hypothesis once found the 500."""
+    payload = {"model": "routenlp", "messages": [{"role": "user", "content": texts["banking77"][0]}],
+               "metadata": {"task": "banking77"}, "max_tokens": 1}
+    if where == "body":
+        payload["guardrails"] = ["\u0100"]
+    else:
+        payload["metadata"]["guardrails"] = ["\U000cd461"]
+    status, parsed, body, _ = send(http, payload)
+    assert status == 400, body[:300]
+    assert parsed["error"]["param"] == "guardrails", parsed
+
+
 def test_enormous_message_is_truncated_by_the_router_and_served(http, proxy, texts):
-    """~40k tokens: the router reads the first 256 encoder tokens (documented); the tiers answer."""
+    """~40k tokens: the router reads the first 512 encoder tokens (documented); the tiers answer."""
     text = texts["banking77"][0] + " " + "my card payment was declined at the shop again " * 4000
     status, parsed, body, headers = send(http, {"model": "routenlp", "messages": [{"role": "user", "content": text}],
                                                 "metadata": {"task": "banking77"}, "max_tokens": 4})

@@ -102,3 +102,11 @@ def test_malformed_numbers_and_guardrail_names_are_refused(param, value):
     with pytest.raises(RequestError) as info:
         validate_request({"messages": [{"role": "user", "content": "hi"}], param: value})
     assert info.value.param == param
+
+
+@pytest.mark.parametrize("where", ["metadata", "litellm_metadata"])
+def test_guardrail_names_moved_into_metadata_by_the_proxy_are_checked_too(where):
+    """The proxy moves a body-level `guardrails` into the metadata before the pre-call hook runs."""
+    with pytest.raises(RequestError) as info:
+        validate_request({"messages": [{"role": "user", "content": "hi"}], where: {"guardrails": ["\u0100"]}})
+    assert info.value.param == "guardrails"
