@@ -32,9 +32,11 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coopt.versions import (activate, derive_proxy_config, is_complete, iteration_dir, serving,
                             write_manifest)
@@ -140,9 +142,14 @@ def run_loop(run_dir: str | os.PathLike[str], steps: LoopSteps, max_iterations: 
 # The real steps
 
 
-@dataclass
-class CooptSettings:
-    """Everything a run depends on (stored in ``run.json``); the defaults are the CPU demo."""
+class CooptSettings(BaseModel):
+    """Everything a run depends on (stored in ``run.json``); the defaults are the CPU demo.
+
+    A pydantic model that rejects unknown keys: a misspelt key in ``run.json`` (``max_iteration``) is an
+    error naming it, not a silently ignored setting.  Assignments are validated too (the CLI sets flags).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     run_dir: str = "artifacts/coopt/demo"
     config: str = "proxy_config.yaml"
@@ -151,36 +158,39 @@ class CooptSettings:
     tasks: tuple[str, ...] = ("banking77", "clinc150", "bitext")
     # bitext is small because every T2 (SmolLM2) answer costs ~2-5 s of CPU, and the router set must still
     # certify T3's threshold (>= 19 calibration queries reaching it at alpha 0.05).
-    router_set: dict[str, int] = field(default_factory=lambda: {"banking77": 250, "clinc150": 250, "bitext": 80})
-    eval_set: dict[str, int] = field(default_factory=lambda: {"banking77": 500, "clinc150": 500, "bitext": 40})
-    traffic: dict[str, int] = field(default_factory=lambda: {"banking77": 600, "clinc150": 600, "bitext": 150})
+    router_set: dict[str, int] = Field(default_factory=lambda: {"banking77": 250, "clinc150": 250, "bitext": 80})
+    eval_set: dict[str, int] = Field(default_factory=lambda: {"banking77": 500, "clinc150": 500, "bitext": 40})
+    traffic: dict[str, int] = Field(default_factory=lambda: {"banking77": 600, "clinc150": 600, "bitext": 150})
     seed_labels: Optional[str] = "artifacts/labels/demo_allpairs.jsonl"   # reused labels (same ids) when present
-    max_iterations: int = 3
-    epsilon: float = EPSILON
-    hard_fraction: float = 0.3
-    random_share: float = 0.2
-    classifier_weight: int = 3
-    lora: dict[str, Any] = field(default_factory=dict)                   # LoraSettings overrides
-    max_tokens: int = 48              # answers when labelling / scoring (the demo labels' budget)
-    teacher_max_tokens: int = 256     # distillation targets
-    alpha: float = 0.05
-    route_confidence: float = 0.5
+    max_iterations: int = Field(3, ge=1)
+    epsilon: float = Field(EPSILON, ge=0)
+    hard_fraction: float = Field(0.3, gt=0, le=1)
+    random_share: float = Field(0.2, ge=0, lt=1)
+    classifier_weight: int = Field(3, ge=1)
+    lora: dict[str, Any] = Field(default_factory=dict)                   # LoraSettings overrides
+    max_tokens: int = Field(48, ge=1)          # answers when labelling / scoring (the demo labels' budget)
+    teacher_max_tokens: int = Field(256, ge=1)  # distillation targets
+    alpha: float = Field(0.05, gt=0, lt=1)
+    route_confidence: float = Field(0.5, gt=0, le=1)
     seed: int = 0
-    concurrency: int = 2
-    traffic_concurrency: int = 4
-    max_failures_per_task: Optional[int] = None  # score a sample of each task's escalations (None: all)
+    concurrency: int = Field(2, ge=1)
+    traffic_concurrency: int = Field(4, ge=1)
+    max_failures_per_task: Optional[int] = Field(None, ge=1)  # score a sample of each task's escalations (None: all)
     spend_logs_json: Optional[str] = None   # extra sources merged into every iteration's records
     spend_logs_dsn: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "CooptSettings":
-        known = {key: value for key, value in raw.items() if key in cls.__dataclass_fields__}
-        if "tasks" in known:
-            known["tasks"] = tuple(known["tasks"])
-        return cls(**known)
+    def from_dict(cls, raw: dict[str, Any], source: str = "run.json") -> "CooptSettings":
+        """Validated settings; a bad or unknown key raises ``ValueError`` naming ``source`` and the key."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+                                 for e in error.errors())
+            raise ValueError(f"{source}: {problems}") from None
 
 
 def tier_models(config: str | os.PathLike[str]) -> dict[str, str]:
@@ -612,7 +622,11 @@ def load_settings(run_dir: str | os.PathLike[str]) -> CooptSettings:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no co-optimisation run here (start one with `routenlp coopt run`)")
-    return CooptSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    return CooptSettings.from_dict(raw, source=str(path))
 
 
 def save_settings(settings: CooptSettings) -> Path:
