@@ -6,11 +6,16 @@ read as p_k = P(tier k is the cheapest acceptable one).  Task index 0 is ``__unk
 replaces the task with it ~10% of the time (task dropout) so a request with a new or missing task
 still gets a sensible, task-agnostic prediction.
 
-Loss = L_route + 0.3 L_cost + 0.5 L_quality:
+Loss = L_route + 0.3 L_cost + 0.5 L_quality + 1.0 L_accept:
   L_route   cross-entropy to the cheapest acceptable tier (when none is acceptable: the cheapest tier
             with the best quality, see ``coopt.allpairs.routing_target``);
   L_cost    expected normalised tier cost under the softmax (tier mean cost / top tier's, per task);
-  L_quality sum_k p_k * max(0, tau - q_k): probability mass on tiers that fail this very query.
+  L_quality sum_k p_k * max(0, tau - q_k): probability mass on tiers that fail this very query;
+  L_accept  binary cross-entropy of a second output, K sigmoids a_k = P(tier k's answer is
+            acceptable | query, task), against the all-pairs labels q_k >= tau (issue 14 item 1).
+            The route softmax only says which tier is the *cheapest* acceptable one; a cascade-routing
+            policy needs each tier's own chance of being acceptable, which the softmax gives only
+            under the assumption that acceptability is monotone in the tier (its cumulative).
 
 Two modes.  ``frozen`` (default): the encoder is fixed and embeddings are computed once with the
 *exported ONNX fp32 encoder* (so training sees what serving sees) and cached in a safetensors file
@@ -19,8 +24,9 @@ end to end with the head (mean pooling + L2 norm, as served) and exported to ``e
 artifact.  Training is seeded and deterministic (fixed seed, deterministic algorithms, one thread).
 
 Artifact directory: ``weights.safetensors`` (head), ``head.onnx`` (fp32; inputs ``embedding``
-float32 (n,384), ``task_id`` int64 (n,); outputs ``logits`` (n,K) and ``penultimate`` (n,256), the
-features co-optimisation clusters), ``head.int8.onnx`` (dynamic int8), ``router.json`` (metadata,
+float32 (n,384), ``task_id`` int64 (n,); outputs ``logits`` (n,K), ``penultimate`` (n,256), the
+features co-optimisation clusters, and ``acceptance`` (n,K) sigmoid probabilities; format_version 2),
+``head.int8.onnx`` (dynamic int8), ``router.json`` (metadata,
 written last: its presence means the artifact is complete; it records every file's sha256).
 No pickle anywhere.
 """
@@ -47,18 +53,21 @@ from litellm_routenlp.hashing import sha256_file  # noqa: F401  (re-exported for
 from coopt.allpairs import (UNKNOWN_TASK, AllPairsRecord, Portfolio, cheapest_acceptable_tier, data_sha256,
                             load_portfolio, read_allpairs, records_sha256, routing_target, tier_values)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head has the ``acceptance`` output (version 1 routers still load)
 EMBEDDING_DIM = 384
 TASK_DIM = 64
 HIDDEN = 256
 COST_WEIGHT = 0.3
 QUALITY_WEIGHT = 0.5
+ACCEPT_WEIGHT = 1.0
 DEFAULT_LR = {"frozen": 1e-3, "finetune": 2e-5}
 # label rule for queries no tier answers acceptably (see train_router's ``target``)
 TARGET_RULES: dict[str, Callable[[AllPairsRecord, Portfolio], int]] = {
     "best_quality": routing_target, "top_tier": cheapest_acceptable_tier}
 ARTIFACT_FILES = ("weights.safetensors", "head.onnx", "head.int8.onnx")
-WEIGHT_NAMES = ("task_embedding.weight", "hidden.weight", "hidden.bias", "out.weight", "out.bias")
+WEIGHT_NAMES = ("task_embedding.weight", "hidden.weight", "hidden.bias", "out.weight", "out.bias",
+                "accept.weight", "accept.bias")
+HEAD_OUTPUTS = ("logits", "penultimate", "acceptance")
 
 
 @dataclass
@@ -81,6 +90,9 @@ class TrainReport:
     prior_baseline_ce: float
     train_seconds: float
     per_task: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: validation Brier / log-loss of the acceptance output against the per-task prior and the
+    #: cumulative of the route probabilities (see :func:`acceptance_report`)
+    acceptance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -197,7 +209,13 @@ def _encoder_description(meta: dict[str, Any], graph_sha: str, dir_hint: str, ma
 
 
 def _build_head(n_tasks: int, n_tiers: int, dropout: float,
-                embedding_dim: int = EMBEDDING_DIM):  # -> torch.nn.Module
+                embedding_dim: int = EMBEDDING_DIM, acceptance: bool = False):  # -> torch.nn.Module
+    """The head; ``acceptance=True`` adds the K acceptance logits (what ``train_router`` builds).
+
+    ``forward`` returns ``(logits, penultimate)``, plus the acceptance *logits* with
+    ``acceptance=True`` (the ONNX export applies the sigmoid).  The default stays False so code that
+    rebuilds a format-1 head from its safetensors (benchmarks/router_latency.py) keeps working.
+    """
     import torch
     from torch import nn
 
@@ -213,30 +231,63 @@ def _build_head(n_tasks: int, n_tiers: int, dropout: float,
             self.task_embedding = nn.Embedding(n_tasks, TASK_DIM)
             self.hidden = nn.Linear(embedding_dim + TASK_DIM, HIDDEN)
             self.out = nn.Linear(HIDDEN, n_tiers)
+            self.accept = nn.Linear(HIDDEN, n_tiers) if acceptance else None
             self.dropout = nn.Dropout(dropout)
 
         def forward(self, embedding: "torch.Tensor", task_id: "torch.Tensor"):
             features = torch.cat([embedding, self.task_embedding(task_id)], dim=1)
             penultimate = torch.relu(torch.matmul(features, self.hidden.weight.t()) + self.hidden.bias)
-            logits = torch.matmul(self.dropout(penultimate), self.out.weight.t()) + self.out.bias
-            return logits, penultimate
+            dropped = self.dropout(penultimate)
+            logits = torch.matmul(dropped, self.out.weight.t()) + self.out.bias
+            if self.accept is None:
+                return logits, penultimate
+            return logits, penultimate, torch.matmul(dropped, self.accept.weight.t()) + self.accept.bias
 
     return RouterHead()
 
 
+def _export_wrapper(head):  # -> torch.nn.Module
+    """The head as served: (logits, penultimate, sigmoid(acceptance logits))."""
+    import torch
+
+    class Served(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, embedding: "torch.Tensor", task_id: "torch.Tensor"):
+            logits, penultimate, accept_logits = self.head(embedding, task_id)
+            return logits, penultimate, torch.sigmoid(accept_logits)
+
+    return Served()
+
+
 def forward_numpy(weights: dict[str, np.ndarray], embedding: np.ndarray, task_ids: np.ndarray,
-                  return_penultimate: bool = False):
-    """The head in plain numpy from safetensors weights: the reference the ONNX graphs must match."""
+                  return_penultimate: bool = False, return_acceptance: bool = False):
+    """The head in plain numpy from safetensors weights: the reference the ONNX graphs must match.
+
+    Returns the logits, then the penultimate features and/or the acceptance probabilities when asked.
+    """
     features = np.concatenate([embedding.astype(np.float32),
                                weights["task_embedding.weight"][np.asarray(task_ids, dtype=np.int64)]], axis=1)
     penultimate = np.maximum(features @ weights["hidden.weight"].T + weights["hidden.bias"], 0.0)
     logits = penultimate @ weights["out.weight"].T + weights["out.bias"]
-    return (logits, penultimate) if return_penultimate else logits
+    out = [logits]
+    if return_penultimate:
+        out.append(penultimate)
+    if return_acceptance:
+        accept_logits = penultimate @ weights["accept.weight"].T + weights["accept.bias"]
+        out.append(1.0 / (1.0 + np.exp(-accept_logits.astype(np.float64))))
+    return tuple(out) if len(out) > 1 else logits
 
 
 def routing_loss(logits, target, quality, tau, tier_cost, cost_weight: float = COST_WEIGHT,
-                 quality_weight: float = QUALITY_WEIGHT):
-    """L_route + w_c L_cost + w_q L_quality, averaged over the batch; returns (total, parts)."""
+                 quality_weight: float = QUALITY_WEIGHT, accept_logits=None, accept_weight: float = ACCEPT_WEIGHT):
+    """L_route + w_c L_cost + w_q L_quality (+ w_a L_accept), averaged over the batch; returns (total, parts).
+
+    L_accept (when ``accept_logits`` is given) is the BCE of each tier's acceptance logit against
+    ``quality >= tau``, averaged over tiers and rows.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -246,7 +297,13 @@ def routing_loss(logits, target, quality, tau, tier_cost, cost_weight: float = C
     shortfall = torch.clamp(tau[:, None] - quality, min=0.0)
     quality_term = (probabilities * shortfall).sum(dim=1).mean()
     total = route + cost_weight * cost + quality_weight * quality_term
-    return total, {"route": route.item(), "cost": cost.item(), "quality": quality_term.item()}
+    parts = {"route": route.item(), "cost": cost.item(), "quality": quality_term.item()}
+    if accept_logits is not None:
+        acceptable = (quality >= tau[:, None]).to(accept_logits.dtype)
+        accept = F.binary_cross_entropy_with_logits(accept_logits, acceptable)
+        total = total + accept_weight * accept
+        parts["accept"] = accept.item()
+    return total, parts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +420,11 @@ def _deterministic_torch(seed: int, threads: int) -> Iterator[None]:
 
 
 def export_head_onnx(head, out_dir: Path) -> tuple[Path, Path]:
-    """head.onnx (fp32, opset 17, TorchScript exporter) and head.int8.onnx (dynamic int8)."""
+    """head.onnx (fp32, opset 17, TorchScript exporter) and head.int8.onnx (dynamic int8).
+
+    Outputs ``logits``, ``penultimate`` and (heads built with ``acceptance=True``) ``acceptance``:
+    one ONNX run gives the route and the acceptance probabilities together.
+    """
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -371,13 +432,15 @@ def export_head_onnx(head, out_dir: Path) -> tuple[Path, Path]:
     fp32, int8 = out_dir / "head.onnx", out_dir / "head.int8.onnx"
     example = (torch.zeros((2, head.hidden.in_features - TASK_DIM), dtype=torch.float32),
                torch.zeros((2,), dtype=torch.long))
+    outputs = list(HEAD_OUTPUTS) if head.accept is not None else ["logits", "penultimate"]
+    module = _export_wrapper(head).eval() if head.accept is not None else head
     with torch.no_grad(), warnings.catch_warnings():
         # dynamo=False is deliberate (DESIGN §4): silence the "legacy exporter" deprecation notice
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(head, args=example, f=str(fp32), input_names=["embedding", "task_id"],
-                          output_names=["logits", "penultimate"],
+        torch.onnx.export(module, args=example, f=str(fp32), input_names=["embedding", "task_id"],
+                          output_names=outputs,
                           dynamic_axes={"embedding": {0: "batch"}, "task_id": {0: "batch"},
-                                        "logits": {0: "batch"}, "penultimate": {0: "batch"}},
+                                        **{name: {0: "batch"} for name in outputs}},
                           opset_version=17, dynamo=False)
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     return fp32, int8
@@ -424,7 +487,8 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
                  epochs: int = 10, lr: Optional[float] = None, batch_size: int = 64, patience: int = 3,
                  val_fraction: float = 0.15, dropout: float = 0.1, task_dropout: float = 0.1,
                  weight_decay: float = 0.01, cost_weight: float = COST_WEIGHT,
-                 quality_weight: float = QUALITY_WEIGHT, cache_path: Optional[Union[str, os.PathLike[str]]] = None,
+                 quality_weight: float = QUALITY_WEIGHT, accept_weight: float = ACCEPT_WEIGHT,
+                 cache_path: Optional[Union[str, os.PathLike[str]]] = None,
                  finetune_max_length: int = 128, threads: int = 1,
                  target: str = "best_quality") -> TrainReport:
     """Train the router on an all-pairs file (or records) and write the artifact to ``out_dir``.
@@ -470,7 +534,7 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
             encoder = _build_finetune_encoder(source, finetune_max_length)
             embedding_table = None
         embedding_dim = int(embeddings.shape[1]) if mode == "frozen" else EMBEDDING_DIM
-        head = _build_head(len(prepared.tasks), len(portfolio.tiers), dropout, embedding_dim)
+        head = _build_head(len(prepared.tasks), len(portfolio.tiers), dropout, embedding_dim, acceptance=True)
         parameters = list(head.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
@@ -489,23 +553,24 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
                 return embedding_table[torch.from_numpy(rows)]
             return encoder([prepared.texts[i] for i in rows])
 
-        def evaluate(rows: np.ndarray) -> tuple[float, np.ndarray]:
+        def evaluate(rows: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
             head.eval()
             if encoder is not None:
                 encoder.eval()
-            total, logits_all = 0.0, []
+            total, logits_all, accept_all = 0.0, [], []
             with torch.no_grad():
                 for start in range(0, len(rows), 256):
                     chunk = rows[start:start + 256]
                     index = torch.from_numpy(chunk)
-                    logits, _ = head(embed(chunk), task_ids[index])
+                    logits, _, accept_logits = head(embed(chunk), task_ids[index])
                     loss, _ = routing_loss(logits, targets[index], quality[index], tau[index], tier_cost[index],
-                                           cost_weight, quality_weight)
+                                           cost_weight, quality_weight, accept_logits, accept_weight)
                     total += float(loss) * len(chunk)
                     logits_all.append(logits.numpy())
-            return total / len(rows), np.concatenate(logits_all)
+                    accept_all.append(torch.sigmoid(accept_logits).numpy())
+            return total / len(rows), np.concatenate(logits_all), np.concatenate(accept_all)
 
-        initial_val_loss, _ = evaluate(val_rows)
+        initial_val_loss, _, _ = evaluate(val_rows)
         best_val, best_epoch, best_state, since_best = math.inf, 0, None, 0
         train_losses, val_losses = [], []
         epochs_run = 0
@@ -522,15 +587,15 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
                 batch_tasks = task_ids[index].clone()
                 drop = torch.rand(len(chunk), generator=generator) < task_dropout
                 batch_tasks[drop] = 0
-                logits, _ = head(embed(chunk), batch_tasks)
+                logits, _, accept_logits = head(embed(chunk), batch_tasks)
                 loss, _ = routing_loss(logits, targets[index], quality[index], tau[index], tier_cost[index],
-                                       cost_weight, quality_weight)
+                                       cost_weight, quality_weight, accept_logits, accept_weight)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 running += loss.item() * len(chunk)
             train_losses.append(running / len(order))
-            val_loss, _ = evaluate(val_rows)
+            val_loss, _, _ = evaluate(val_rows)
             val_losses.append(val_loss)
             if val_loss < best_val - 1e-6:
                 best_val, best_epoch, since_best = val_loss, epoch, 0
@@ -544,10 +609,13 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
         head.load_state_dict(best_state["head"])
         if encoder is not None:
             encoder.load_state_dict(best_state["encoder"])
-        _, val_logits = evaluate(val_rows)
+        _, val_logits, val_accept = evaluate(val_rows)
         train_seconds = time.perf_counter() - started
 
         quality_report = _quality_report(prepared, train_rows, val_rows, val_logits)
+        quality_report["acceptance"] = acceptance_report(
+            prepared.quality >= prepared.tau[:, None], prepared.task_ids, train_rows, val_rows, val_accept,
+            _softmax(val_logits))
         weights = {name: tensor.detach().numpy().astype(np.float32)
                    for name, tensor in head.state_dict().items()}
         from safetensors.numpy import save_file
@@ -575,13 +643,14 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
         "mode": mode,
         "data_sha256": data_hash,
         "head": {"embedding_dim": embedding_dim, "task_dim": TASK_DIM, "hidden": HIDDEN, "dropout": dropout,
-                 "inputs": ["embedding", "task_id"], "outputs": ["logits", "penultimate"]},
+                 "inputs": ["embedding", "task_id"], "outputs": list(HEAD_OUTPUTS)},
         "files": {name: sha256_file(out / name) for name in ARTIFACT_FILES},
         "training": {
             **{key: value for key, value in report.to_dict().items() if key != "out_dir"},
             "seed": seed, "lr": lr, "batch_size": batch_size, "max_epochs": epochs, "patience": patience,
             "val_fraction": val_fraction, "target": target, "task_dropout": task_dropout, "weight_decay": weight_decay,
-            "loss_weights": {"route": 1.0, "cost": cost_weight, "quality": quality_weight},
+            "loss_weights": {"route": 1.0, "cost": cost_weight, "quality": quality_weight, "accept": accept_weight},
+            "acceptance_labels": "quality >= task tau, per tier (all-pairs labels)",
             "tier_cost_normalised": prepared.cost_table,
         },
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -622,3 +691,43 @@ def _quality_report(prepared: _Prepared, train_rows: np.ndarray, val_rows: np.nd
     return {"val_accuracy": float((predicted == val_targets).mean()),
             "majority_baseline_accuracy": float((val_targets == majority).mean()),
             "val_route_ce": route_ce, "prior_baseline_ce": float(prior_ce_terms.mean()), "per_task": per_task}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _brier_logloss(probabilities: np.ndarray, labels: np.ndarray, eps: float = 1e-6) -> tuple[float, float]:
+    p = np.clip(probabilities.astype(np.float64), eps, 1.0 - eps)
+    y = labels.astype(np.float64)
+    return float(np.mean((p - y) ** 2)), float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+
+
+def acceptance_report(acceptable: np.ndarray, task_ids: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+                      val_acceptance: np.ndarray, val_route_probabilities: np.ndarray) -> dict[str, Any]:
+    """Validation Brier and log-loss of the acceptance output against two baselines.
+
+    * ``prior``: each task's acceptance rate per tier on the training rows (Laplace-smoothed): what
+      is known without reading the prompt;
+    * ``cumulative``: sum_{j<=k} of the route softmax, the acceptance a format-1 router implies
+      (exact only if acceptability is monotone in the tier; the top tier's is 1, clipped at 1e-6).
+
+    Figures are over all (row, tier) pairs and per tier; log-loss clips probabilities to [1e-6, 1-1e-6].
+    """
+    y = acceptable[val_rows]
+    prior = np.zeros_like(val_acceptance, dtype=np.float64)
+    for task in np.unique(task_ids[val_rows]):
+        train_mask = task_ids[train_rows] == task
+        counts = acceptable[train_rows][train_mask].sum(axis=0)
+        prior[task_ids[val_rows] == task] = (counts + 1.0) / (train_mask.sum() + 2.0)
+    cumulative = np.clip(np.cumsum(val_route_probabilities, axis=1), 0.0, 1.0)
+    out: dict[str, Any] = {"n_val": int(len(val_rows))}
+    for name, estimate in (("head", val_acceptance), ("prior", prior), ("cumulative", cumulative)):
+        brier, logloss = _brier_logloss(estimate, y)
+        out[f"{name}_brier"], out[f"{name}_logloss"] = brier, logloss
+        per_tier = [_brier_logloss(estimate[:, k], y[:, k]) for k in range(y.shape[1])]
+        out[f"{name}_brier_by_tier"] = [b for b, _ in per_tier]
+        out[f"{name}_logloss_by_tier"] = [l for _, l in per_tier]
+    return out

@@ -1,4 +1,5 @@
-"""The trained router at serving time: text + task -> P(tier k is the cheapest acceptable one).
+"""The trained router at serving time: text + task -> P(tier k is the cheapest acceptable one)
+and, per tier, P(tier k's answer is acceptable) (the ex-ante estimates of issue 14).
 
 Loads the artifact directory written by ``routenlp train`` (``coopt.train_router``) with numpy and
 ONNX Runtime only.  Everything is checked once, at load, so a broken artifact stops the proxy at
@@ -6,6 +7,11 @@ start-up instead of mis-routing traffic: every file router.json lists must exist
 sha256 (catches truncated copies and files from another run), the head's shapes must match the
 tiers and tasks router.json names, and the encoder graph must be the one the router was trained
 with (a router trained on one embedding space is meaningless on another).
+
+Format 2 heads have a third ONNX output, ``acceptance`` (K sigmoids, trained with BCE on the
+all-pairs labels).  Format 1 routers (no such output) still load; for them
+:meth:`RouterModel.predict_acceptance` returns the cumulative of the route probabilities,
+sum_{j<=k} p_j, and :attr:`RouterModel.acceptance_is_fallback` is True.
 
 A task the router was not trained on maps to index 0, ``__unknown__``, the task-agnostic slot that
 training filled by task dropout.
@@ -24,7 +30,8 @@ from .hashing import sha256_file
 
 from litellm_routenlp.encoder import PROBE_TOLERANCE, EncoderArtifactError, OnnxSentenceEncoder, probe_distance
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 1: no acceptance output (falls back to the cumulative route probabilities)
 UNKNOWN_TASK = "__unknown__"
 HEAD_FILES = ("weights.safetensors", "head.onnx", "head.int8.onnx")
 PathLike = Union[str, os.PathLike[str]]
@@ -42,6 +49,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def cumulative_acceptance(route_probabilities: np.ndarray) -> np.ndarray:
+    """P(tier k acceptable) implied by P(tier j is the cheapest acceptable one): sum_{j<=k} p_j.
+
+    Exact only if acceptability is monotone in the tier (a tier that answers well implies every
+    higher one does); the top tier's value is 1.  The fallback for format-1 routers.
+    """
+    return np.clip(np.cumsum(np.asarray(route_probabilities, dtype=np.float64), axis=1), 0.0, 1.0)
+
+
 def _read_metadata(artifact_dir: Path) -> dict[str, Any]:
     path = artifact_dir / "router.json"
     if not artifact_dir.is_dir():
@@ -54,9 +70,9 @@ def _read_metadata(artifact_dir: Path) -> dict[str, Any]:
         raise RouterArtifactError(f"{path}: not valid JSON, possibly truncated ({error})") from None
     if not isinstance(meta, dict):
         raise RouterArtifactError(f"{path}: expected a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise RouterArtifactError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
-                                  f"(expected {FORMAT_VERSION})")
+                                  f"(expected one of {SUPPORTED_FORMAT_VERSIONS})")
     tiers, tasks = meta.get("tiers"), meta.get("tasks")
     if not isinstance(tiers, list) or not tiers or not all(isinstance(t, str) and t for t in tiers) \
             or len(set(tiers)) != len(tiers):
@@ -95,6 +111,8 @@ def _check_weight_shapes(artifact_dir: Path, meta: dict[str, Any]) -> None:
         raise RouterArtifactError(f"{path}: not a readable safetensors file ({error})") from None
     expected_rows = {"task_embedding.weight": len(meta["tasks"]), "out.weight": len(meta["tiers"]),
                      "out.bias": len(meta["tiers"])}
+    if meta["format_version"] >= 2:
+        expected_rows.update({"accept.weight": len(meta["tiers"]), "accept.bias": len(meta["tiers"])})
     for name, rows in expected_rows.items():
         if name not in shapes:
             raise RouterArtifactError(f"{path}: tensor {name} missing")
@@ -131,6 +149,20 @@ class RouterModel:
         self.tasks: list[str] = list(meta["tasks"])
         self._task_index = {task: position for position, task in enumerate(self.tasks)}
         self.embedding_dim = int((meta.get("head") or {}).get("embedding_dim", 384))
+        self._outputs = [output.name for output in session.get_outputs()]
+        self._accept_index = self._outputs.index("acceptance") if "acceptance" in self._outputs else None
+
+    @property
+    def acceptance_is_fallback(self) -> bool:
+        """True when this router has no acceptance output (format 1): the estimates are cumulative route probabilities."""
+        return self._accept_index is None
+
+    @property
+    def acceptance_source(self) -> str:
+        """Where :meth:`predict_acceptance` comes from, for logs and reports."""
+        if self._accept_index is None:
+            return "cumulative route probabilities (router format 1 has no acceptance output)"
+        return "acceptance head (BCE on all-pairs labels)"
 
     @classmethod
     def load(cls, artifact_dir: PathLike, encoder_dir: Optional[PathLike] = None, quantized: bool = True,
@@ -156,8 +188,12 @@ class RouterModel:
         except Exception as error:  # onnxruntime has its own exception types
             raise RouterArtifactError(f"{head_path}: cannot be loaded by ONNX Runtime ({error})") from None
         names = {i.name for i in session.get_inputs()}
-        if names != {"embedding", "task_id"} or "logits" not in {o.name for o in session.get_outputs()}:
+        outputs = {o.name for o in session.get_outputs()}
+        if names != {"embedding", "task_id"} or "logits" not in outputs:
             raise RouterArtifactError(f"{head_path}: expected inputs embedding, task_id and output logits")
+        if meta["format_version"] >= 2 and "acceptance" not in outputs:
+            raise RouterArtifactError(f"{head_path}: router.json has format_version {meta['format_version']} "
+                                      f"but the graph has no `acceptance` output")
         encoder = None
         if with_encoder:
             encoder = cls._load_encoder(artifact_dir, meta, encoder_dir, quantized, threads)
@@ -170,6 +206,11 @@ class RouterModel:
         if probe.shape != (1, len(model.tiers)):
             raise RouterArtifactError(f"{head_path}: produces {probe.shape[1]} logits, router.json lists "
                                       f"{len(model.tiers)} tiers")
+        accept_probe = model.predict_acceptance_from_embeddings(np.zeros((1, model.embedding_dim), np.float32),
+                                                                np.array([0]))
+        if accept_probe.shape != (1, len(model.tiers)):
+            raise RouterArtifactError(f"{head_path}: `acceptance` has {accept_probe.shape[1]} columns, router.json "
+                                      f"lists {len(model.tiers)} tiers")
         return model
 
     @staticmethod
@@ -231,6 +272,32 @@ class RouterModel:
     def predict_proba_from_embeddings(self, embeddings: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
         """(n, K) softmax probabilities over tiers, cheapest first."""
         return softmax(self.logits_from_embeddings(embeddings, task_ids))
+
+    def predict_both_from_embeddings(self, embeddings: np.ndarray,
+                                     task_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(route probabilities, acceptance), both (n, K), from one head run (the hot path's call)."""
+        outputs = self._run(embeddings, task_ids)
+        route = softmax(outputs[0])
+        if self._accept_index is None:
+            return route, cumulative_acceptance(route)
+        return route, outputs[self._accept_index].astype(np.float64)
+
+    def predict_acceptance_from_embeddings(self, embeddings: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
+        """(n, K) P(tier k's answer is acceptable | query, task); see :attr:`acceptance_source`."""
+        return self.predict_both_from_embeddings(embeddings, task_ids)[1]
+
+    def predict_both(self, texts: Sequence[str],
+                     tasks: Sequence[Optional[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(route probabilities, acceptance) for texts and their tasks: one encoder and one head run."""
+        if len(texts) != len(tasks):
+            raise ValueError(f"{len(texts)} texts but {len(tasks)} tasks")
+        if not texts:
+            return np.zeros((0, len(self.tiers))), np.zeros((0, len(self.tiers)))
+        return self.predict_both_from_embeddings(self.embed(texts), self._task_ids(tasks))
+
+    def predict_acceptance(self, texts: Sequence[str], tasks: Sequence[Optional[str]]) -> np.ndarray:
+        """(n, K) P(tier k's answer is acceptable | text, task), cheapest tier first."""
+        return self.predict_both(texts, tasks)[1]
 
     def predict_proba(self, texts: Sequence[str], tasks: Sequence[Optional[str]]) -> np.ndarray:
         """(n, K) P(tier k is the cheapest acceptable one) for each text and its task."""
