@@ -75,7 +75,8 @@ def test_router_json_describes_the_artifact(trained):
     out, report = trained
     meta = json.loads((out / "router.json").read_text())
     encoder_meta = json.loads((ENCODER_DIR / "encoder.json").read_text())
-    assert meta["format_version"] == 1 and meta["mode"] == "frozen"
+    assert meta["format_version"] == 2 and meta["mode"] == "frozen"
+    assert meta["head"]["outputs"] == ["logits", "penultimate", "acceptance"]
     assert meta["tiers"] == ["T1", "T2", "T3", "T4"]
     assert meta["tasks"] == ["__unknown__", "medmcqa", "truthfulqa"]
     assert meta["encoder"]["sha256"] == encoder_meta["sha256"]["model.onnx"]
@@ -99,7 +100,7 @@ def test_safetensors_onnx_fp32_and_int8_agree(trained, embeddings, data):
     decisions = {}
     for name in ("head.onnx", "head.int8.onnx"):
         session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
-        logits, penultimate = session.run(None, {"embedding": embeddings, "task_id": task_ids})
+        logits, penultimate, _ = session.run(None, {"embedding": embeddings, "task_id": task_ids})
         assert logits.shape == (len(records), 4) and penultimate.shape == (len(records), 256)
         decisions[name] = logits.argmax(axis=1)
         if name == "head.onnx":
@@ -275,3 +276,61 @@ def test_task_conditioning_beats_the_global_majority_tier(cache_path, tmp_path):
     as_mbpp = model.predict_proba(questions, ["mbpp"] * len(questions))
     assert (as_arc.argmax(axis=1) == 0).mean() >= 0.9
     assert as_mbpp[:, 1].mean() > as_arc[:, 1].mean() + 0.1
+
+
+def test_acceptance_output_matches_torch_numpy_and_int8(trained, embeddings, data):
+    """The acceptance output: torch (training) == numpy reference == ONNX fp32; int8 within 0.03."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    from coopt.train_router import _build_head
+
+    out, _ = trained
+    records, _ = data
+    meta = json.loads((out / "router.json").read_text())
+    task_ids = np.array([meta["tasks"].index(r.task) for r in records], dtype=np.int64)
+    task_ids[::5] = 0
+    head = _build_head(len(meta["tasks"]), 4, 0.0, embedding_dim=embeddings.shape[1], acceptance=True)
+    head.load_state_dict(load_torch(str(out / "weights.safetensors")))
+    head.eval()
+    with torch.no_grad():
+        _, _, accept_logits = head(torch.from_numpy(embeddings), torch.from_numpy(task_ids))
+    from_torch = torch.sigmoid(accept_logits).numpy()
+    _, reference = forward_numpy(load_file(str(out / "weights.safetensors")), embeddings, task_ids,
+                                 return_acceptance=True)
+    np.testing.assert_allclose(from_torch, reference, atol=1e-5)
+    for quantized, tolerance in ((False, 1e-4), (True, 0.03)):
+        model = RouterModel.load(out, encoder_dir=ENCODER_DIR, quantized=quantized, with_encoder=False)
+        assert not model.acceptance_is_fallback
+        route, acceptance = model.predict_both_from_embeddings(embeddings, task_ids)
+        assert acceptance.shape == (len(records), 4)
+        assert np.abs(acceptance - from_torch).max() <= tolerance
+        np.testing.assert_allclose(acceptance, model.predict_acceptance_from_embeddings(embeddings, task_ids))
+        np.testing.assert_allclose(route, model.predict_proba_from_embeddings(embeddings, task_ids))
+
+
+def test_acceptance_report_compares_the_head_with_both_baselines(trained):
+    _, report = trained
+    figures = report.acceptance
+    for name in ("head", "prior", "cumulative"):
+        assert 0.0 < figures[f"{name}_brier"] < 1.0 and len(figures[f"{name}_logloss_by_tier"]) == 4
+    # trained with BCE on these labels, the head must at least be calibrated near the task prior
+    assert figures["head_logloss"] < figures["prior_logloss"] + 0.02
+    # and far better than the cumulative route probabilities (which put 1.0 on the top tier)
+    assert figures["head_logloss"] < figures["cumulative_logloss"]
+
+
+@pytest.mark.parametrize("artifact", ["router", "router-minilm"])
+def test_format_1_router_loads_and_acceptance_falls_back(artifact):
+    """The shipped routers predate the acceptance output: they load, and say the estimate is a fallback."""
+    directory = project_root() / "artifacts" / artifact
+    meta = json.loads((directory / "router.json").read_text())
+    if meta["format_version"] != 1:
+        pytest.skip(f"{directory} was rebuilt with the acceptance output")
+    model = RouterModel.load(directory, quantized=True)
+    assert model.acceptance_is_fallback and "cumulative" in model.acceptance_source
+    texts, tasks = ["my card was declined", "what is the weather"], ["banking77", None]
+    route, acceptance = model.predict_both(texts, tasks)
+    np.testing.assert_allclose(acceptance, np.cumsum(route, axis=1).clip(0, 1))
+    np.testing.assert_allclose(model.predict_acceptance(texts, tasks), acceptance)
+    assert np.all(np.diff(acceptance, axis=1) >= -1e-12) and np.allclose(acceptance[:, -1], 1.0)
