@@ -1,17 +1,21 @@
-"""Conformal cascading: keep a tier's answer while u <= delta[tier][task], otherwise ask the next tier.
+"""The cascade loop: ask tiers until the decision policy stops, then return the answer it keeps.
 
 The loop is independent of LiteLLM: it receives the first answer and an ``ask(tier)`` coroutine, so the
-proxy (non-streaming and buffered streaming) and any offline replay use the same rules.  Cost adds up
-over every tier tried; a failed escalation keeps the previous answer and says so.
+proxy (non-streaming and buffered streaming) and any offline replay use the same rules.  Every
+stop/escalate decision is made by a :mod:`litellm_routenlp.policy` object (default: the paper's
+``conformal_thresholds`` rule built from ``thresholds``, ``max_hops`` and ``no_logprobs_policy``);
+this module only adds what is not a quality decision: cost adds up over every tier tried, a failed
+escalation keeps the answers so far and says so, and a key's budget stops escalation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
-from .routing import next_tier_above
+from .policy import ConformalThresholds, PolicyAnswer, StepDecision, StepState, should_escalate
 from .thresholds import Thresholds
 
 
@@ -28,6 +32,8 @@ class Attempt:
     latency_ms: float
     escalated: bool = False
     error: Optional[str] = None
+    estimates: Optional[list[float]] = None   # cascade_routing: per-tier estimates after this answer
+    reason: Optional[str] = None              # the policy's reason for its decision after this answer
 
 
 @dataclass
@@ -40,6 +46,8 @@ class TierAnswer:
     cost_usd: float
     latency_ms: float
     model_id: Optional[str] = None
+    margin: Optional[float] = None
+    text: Optional[str] = None
 
 
 @dataclass
@@ -48,6 +56,8 @@ class CascadeResult:
     attempts: list[Attempt] = field(default_factory=list)
     escalation_error: Optional[str] = None
     escalation_skipped: Optional[str] = None   # why a wanted escalation was not made (e.g. key budget)
+    stop_reason: Optional[str] = None          # the policy's code (policy.STOP_REASONS) or "error"/"key budget"
+    decisions: list[StepDecision] = field(default_factory=list)
 
     @property
     def total_cost_usd(self) -> float:
@@ -61,15 +71,6 @@ class CascadeResult:
         return [asdict(attempt) for attempt in self.attempts]
 
 
-def should_escalate(uncertainty: Optional[float], delta: Optional[float], no_logprobs_policy: str) -> bool:
-    """u > delta escalates; no threshold never does; no uncertainty follows the declared policy."""
-    if delta is None:
-        return False
-    if uncertainty is None:
-        return no_logprobs_policy == "escalate"
-    return uncertainty > delta
-
-
 async def run_cascade(
     first: TierAnswer,
     task: Optional[str],
@@ -80,43 +81,68 @@ async def run_cascade(
     max_hops: int,
     no_logprobs_policy: str = "trust_router",
     budget_usd: Optional[float] = None,
+    policy: Any = None,
+    acceptance: Optional[Sequence[float]] = None,
 ) -> CascadeResult:
-    """Escalate from ``first`` until an answer is confident enough, the top tier answers, or hops run out.
+    """Ask tiers from ``first`` on until ``policy`` stops (default: the paper's threshold rule).
 
+    ``acceptance`` is the router's ex-ante P(tier k acceptable) (read by ``cascade_routing``).
     ``budget_usd`` is what the calling key may still spend: escalation calls do not pass through the
     proxy's budget check, so the cascade stops itself once the cost so far has used that budget up.
     """
-    current = first
+    if policy is None:
+        policy = ConformalThresholds(thresholds, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy)
+    ex_ante = None if acceptance is None else tuple(float(p) for p in acceptance)
     result = CascadeResult(final=first)
+    answers: dict[int, TierAnswer] = {}
+    seen: list[PolicyAnswer] = []
+    current = first
     hops = 0
     while True:
         name = tier_names.get(current.tier, f"T{current.tier}")
-        delta = thresholds.delta(name, task) if (thresholds is not None and task is not None) else None
+        answers[current.tier] = current
+        seen.append(PolicyAnswer(tier=current.tier, uncertainty=current.uncertainty, margin=current.margin,
+                                 text=current.text, cost_usd=current.cost_usd))
         attempt = Attempt(tier=current.tier, tier_name=name, model_id=current.model_id,
-                          uncertainty=current.uncertainty, threshold=delta, cost_usd=current.cost_usd,
+                          uncertainty=current.uncertainty, threshold=None, cost_usd=current.cost_usd,
                           latency_ms=current.latency_ms)
         result.attempts.append(attempt)
-        if hops >= max_hops or not should_escalate(current.uncertainty, delta, no_logprobs_policy):
+        state = StepState(task=task, answers=tuple(seen), available_tiers=(), hops=hops, tier_names=tier_names,
+                          acceptance=ex_ante)
+        pre_check = getattr(policy, "pre_check", None)
+        decision = pre_check(state) if pre_check is not None else None
+        if decision is None:  # only now look up tier health (a cooldown lookup in the proxy)
+            state = dataclasses.replace(state, available_tiers=tuple(await available_tiers()))
+            decision = policy.step(state)
+        result.decisions.append(decision)
+        attempt.threshold = decision.threshold
+        attempt.reason = decision.reason
+        attempt.estimates = None if decision.estimates is None else [round(v, 6) for v in decision.estimates]
+        result.final = answers.get(decision.answer_tier, current)
+        if decision.stop:
+            result.stop_reason = decision.stop_reason
             break
-        target = next_tier_above(current.tier, await available_tiers())
-        if target is None:
-            break
+        target = int(decision.next_tier)
         if budget_usd is not None and result.total_cost_usd >= budget_usd:
             result.escalation_skipped = "key budget"
+            result.stop_reason = "key budget"
             break
         attempt.escalated = True
         hops += 1
         started = time.perf_counter()
         try:
             answer = await ask(target)
-        except Exception as error:  # any provider failure: keep the previous answer
+        except Exception as error:  # any provider failure: keep the best answer so far
             message = f"{type(error).__name__}: {str(error)[:300]}"
             result.attempts.append(Attempt(
                 tier=target, tier_name=tier_names.get(target, f"T{target}"), model_id=None, uncertainty=None,
                 threshold=None, cost_usd=0.0, latency_ms=(time.perf_counter() - started) * 1000.0,
                 error=message))
             result.escalation_error = f"T{target}: {message}"
+            result.stop_reason = "error"
             break
         current = answer
-        result.final = answer
     return result
+
+
+__all__ = ["Attempt", "TierAnswer", "CascadeResult", "run_cascade", "should_escalate"]
