@@ -1,0 +1,145 @@
+"""Post-answer quality estimates: the numpy estimator, its offline fit, and its JSON artifact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calibration.quality_estimators import all_sets, fit_posterior, fit_posterior_models
+from coopt.paths import project_root
+from litellm_routenlp.quality_estimates import (AnswerSignals, PosteriorArtifactError, PosteriorEstimator, agreement,
+                                                features, signals_of_row)
+
+
+def _logloss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def simulate(n: int, seed: int, K: int = 3):
+    """Rows whose acceptability depends on a hidden difficulty that the answers' u reveal.
+
+    The ex-ante estimate only sees a noisy copy of the difficulty; u of an answered tier is the
+    difficulty plus small noise; tier 2 gives no logprobs on 30% of rows (the no-logprobs case).
+    Answers agree when both tiers are acceptable.
+    """
+    rng = np.random.default_rng(seed)
+    tasks = rng.choice(["a", "b"], size=n)
+    difficulty = rng.normal(size=n) + np.where(tasks == "b", 0.5, 0.0)
+    ability = np.array([-0.5, 0.5, 1.5])[:K]
+    acceptable = rng.random((n, K)) < 1 / (1 + np.exp(-(ability[None] - 2.0 * difficulty[:, None])))
+    seen = difficulty + rng.normal(scale=1.5, size=n)
+    ex_ante = 1 / (1 + np.exp(-(ability[None] - 0.6 * seen[:, None])))
+    uncertainty = 1 / (1 + np.exp(-(difficulty[:, None] - ability[None] + rng.normal(scale=0.3, size=(n, K)))))
+    uncertainty[rng.random(n) < 0.3, 1] = np.nan
+    outputs = [["right" if acceptable[row, k] else f"wrong {row} {k}" for k in range(K)] for row in range(n)]
+    return list(tasks), ex_ante, acceptable, uncertainty, outputs
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    tasks, ex_ante, acceptable, uncertainty, outputs = simulate(1500, seed=0)
+    estimator, models = fit_posterior_models(tasks, ex_ante, acceptable, uncertainty, outputs)
+    return estimator, models
+
+
+def test_agreement_is_one_function_with_documented_values():
+    assert agreement("Paris.", "  paris ") == 1.0
+    assert agreement("B", "b") == 1.0
+    assert agreement(None, "x") is None and agreement("x", None) is None
+    assert agreement("the cat sat", "a dog ran") == 0.0
+    half = agreement("the cat sat down", "the cat")
+    assert half == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert agreement("a b", "b a") == 1.0 - 0.0 and agreement("x y", "y z") == pytest.approx(0.5)
+    assert agreement("x y", "y z") == agreement("y z", "x y")
+
+
+def test_posterior_beats_the_ex_ante_estimate_on_held_out_rows(fitted):
+    estimator, _ = fitted
+    tasks, ex_ante, acceptable, uncertainty, outputs = simulate(1500, seed=1)
+    for answered in [(1,), (2,), (1, 2)]:
+        post = np.stack([estimator.predict(tasks[row], ex_ante[row], signals_of_row(uncertainty[row], outputs[row], answered))
+                         for row in range(len(tasks))])
+        for j in range(3):
+            gain = _logloss(ex_ante[:, j], acceptable[:, j]) - _logloss(post[:, j], acceptable[:, j])
+            assert gain > 0.03, (answered, j, gain)
+
+
+def test_predictions_match_sklearn_predict_proba(fitted):
+    estimator, models = fitted
+    tasks, ex_ante, _, uncertainty, outputs = simulate(200, seed=2)
+    checked = 0
+    for answered in all_sets(3):
+        for row in range(0, 200, 17):
+            signals = signals_of_row(uncertainty[row], outputs[row], answered)
+            X = features(ex_ante[row], signals)
+            post = estimator.predict(tasks[row], ex_ante[row], signals)
+            for j in range(1, 4):
+                model = models[f"{tasks[row]}|{','.join(map(str, answered))}|{j}"]
+                expected = model.predict_proba(X[j - 1:j])[0, 1]
+                assert post[j - 1] == pytest.approx(expected, abs=1e-9)
+                checked += 1
+    assert checked == 7 * 12 * 3
+
+
+def test_json_round_trip_keeps_every_prediction(fitted, tmp_path):
+    estimator, _ = fitted
+    path = estimator.save(tmp_path / "posterior.json")
+    loaded = PosteriorEstimator.load(path)
+    again = PosteriorEstimator.from_dict(json.loads(json.dumps(estimator.to_dict())))
+    tasks, ex_ante, _, uncertainty, outputs = simulate(50, seed=3)
+    for row in range(50):
+        signals = signals_of_row(uncertainty[row], outputs[row], (1, 3))
+        reference = estimator.predict(tasks[row], ex_ante[row], signals)
+        np.testing.assert_array_equal(loaded.predict(tasks[row], ex_ante[row], signals), reference)
+        np.testing.assert_array_equal(again.predict(tasks[row], ex_ante[row], signals), reference)
+    assert loaded.info["rule"].startswith("task cell")
+
+
+def test_small_cells_fall_back_to_pooled_then_to_ex_ante():
+    tasks, ex_ante, acceptable, uncertainty, outputs = simulate(600, seed=4)
+    tasks = ["rare" if row < 20 else task for row, task in enumerate(tasks)]  # 20 rows < MIN_ROWS
+    estimator = fit_posterior(tasks, ex_ante, acceptable, uncertainty, outputs, sets=[(1,)])
+    assert estimator.source("a", (1,), 2) == "task"
+    assert estimator.source("rare", (1,), 2) == "pooled" and estimator.source(None, (1,), 2) == "pooled"
+    signals = [AnswerSignals(tier=1, uncertainty=0.2)]
+    np.testing.assert_array_equal(estimator.predict("rare", ex_ante[0], signals),
+                                  estimator.predict("never-seen", ex_ante[0], signals))
+    assert estimator.source("a", (2,), 3) == "ex_ante"  # set (2,) was not fitted: the ex-ante estimate stays
+    np.testing.assert_array_equal(estimator.predict("a", ex_ante[0], [AnswerSignals(2, 0.1)]), ex_ante[0])
+    np.testing.assert_array_equal(estimator.predict("a", ex_ante[0], []), ex_ante[0])
+    all_ones = fit_posterior(tasks, ex_ante, np.ones_like(acceptable), uncertainty, sets=[(1,)])
+    assert all_ones.cells == {}  # one class only: nothing to fit, every tier keeps its ex-ante value
+
+
+def test_bad_input_and_bad_files_are_refused(fitted, tmp_path):
+    estimator, _ = fitted
+    with pytest.raises(ValueError, match="answered twice"):
+        estimator.predict("a", np.full(3, 0.5), [AnswerSignals(1, 0.1), AnswerSignals(1, 0.2)])
+    with pytest.raises(ValueError, match="outside 1..3"):
+        estimator.predict("a", np.full(3, 0.5), [AnswerSignals(4, 0.1)])
+    with pytest.raises(ValueError, match="ex_ante has 2 tiers"):
+        estimator.predict("a", np.full(2, 0.5), [AnswerSignals(1, 0.1)])
+    raw = estimator.to_dict()
+    key = next(iter(raw["cells"]))
+    raw["cells"][key]["weights"] = raw["cells"][key]["weights"][:-1]
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(PosteriorArtifactError, match=r"bad.json: cell .*needs \d+ finite weights"):
+        PosteriorEstimator.load(tmp_path / "bad.json")
+    (tmp_path / "trunc.json").write_text(json.dumps(estimator.to_dict())[:100])
+    with pytest.raises(PosteriorArtifactError, match="trunc.json: not valid JSON"):
+        PosteriorEstimator.load(tmp_path / "trunc.json")
+    with pytest.raises(PosteriorArtifactError, match="format_version"):
+        PosteriorEstimator.from_dict({**estimator.to_dict(), "format_version": 99})
+
+
+def test_serving_module_imports_numpy_only():
+    code = ("import sys, litellm_routenlp.quality_estimates; "
+            "print([m for m in ('torch', 'transformers', 'sklearn', 'scipy') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root(),
+                            check=True)
+    assert result.stdout.strip() == "[]"
