@@ -41,7 +41,7 @@ def _fit_cell(X: np.ndarray, y: np.ndarray, C: float, seed: int):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed)  # L2: the default)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))  # L2: the default
     model.fit(X, y)
     scaler, logistic = model[0], model[1]
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
