@@ -176,7 +176,7 @@ def calibration_section(name: str, records: list[AllPairsRecord], portfolio: Por
                                                          "min": float(np.min(draws)), "max": float(np.max(draws))}
                                                         if draws else None)})
     return {"set": name, "n_router": len(router_records), "n_cal": len(cal_records), "n_heldout": len(held_records),
-            "heldout_start_tiers": [int(np.sum(held_start == k)) for k in range(len(portfolio.tiers))],
+            "heldout_start_tiers": [int(np.sum(held_start == k)) for k in range(1, len(portfolio.tiers) + 1)],
             "repeats": repeats, "rows": rows, "notes": sorted({str(w.message) for w in caught})}
 
 

@@ -2,11 +2,12 @@
 
 Exchangeability only holds for the queries that actually reach a tier: the router sends harder
 queries to higher tiers, so a threshold fitted on all queries under-covers the routed ones
-(DESIGN §3).  With a router artifact, the cascade is replayed in cost order exactly as the proxy
-runs it: each calibration query starts at the tier the router picks (``routing.choose_tier`` with
-the proxy's ``route_confidence``); tier k's threshold is fitted on the queries that reach k (routed
-there, or escalated there because u > delta at the tier below), and the queries it escalates move
-on to k + 1.  Without a router every tier is fitted on all calibration queries of the task.
+(DESIGN §3).  With a router artifact, the cascade is replayed in cost order by the proxy's own
+decision policy (:class:`litellm_routenlp.policy.ConformalThresholds`, with the proxy's
+``route_confidence``, ``max_hops`` and ``no_logprobs_policy``): each calibration query starts at the
+tier the router picks; tier k's threshold is fitted on the queries that reach k (routed there, or
+escalated there by the thresholds already fitted below it).  Without a router every tier is fitted
+on all calibration queries of the task.  Tiers are 1-based here, as in the policy.
 
 Output (read by :mod:`litellm_routenlp.thresholds`)::
 
@@ -36,9 +37,11 @@ from calibration.conformal import (ESCALATE_ALL_DELTA, InsufficientCalibrationEr
                                    violation_rate, wilson_interval)
 from coopt.allpairs import (AllPairsRecord, Portfolio, data_sha256, load_portfolio, read_allpairs,
                             records_sha256, tier_values)
+from litellm_routenlp.policy import ConformalThresholds, PolicyAnswer, fitted_under, replay
 from litellm_routenlp.routing import choose_tier
+from litellm_routenlp.thresholds import Thresholds
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # litellm_routenlp.policy.POLICY_FORMAT_VERSION; format 1 files still load
 MIN_QUERIES_WARNING = 100
 RULES = ("risk", "coverage")
 PathLike = Union[str, os.PathLike[str]]
@@ -57,17 +60,35 @@ def select_calibration_queries(records: Sequence[AllPairsRecord], n_calib: int, 
 
 
 def router_start_tiers(records: Sequence[AllPairsRecord], router: Any, route_confidence: float = 0.5) -> np.ndarray:
-    """0-based tier the router sends each record to, decided as the proxy decides it."""
+    """1-based tier the router sends each record to, decided as the proxy decides it."""
     probabilities = router.predict_proba([record.prompt for record in records], [record.task for record in records])
     every_tier = list(range(1, probabilities.shape[1] + 1))
-    return np.array([choose_tier(row, every_tier, route_confidence)[0] - 1 for row in probabilities], dtype=np.int64)
+    return np.array([choose_tier(row, every_tier, route_confidence)[0] for row in probabilities], dtype=np.int64)
 
 
-def _escalated(u: np.ndarray, delta: Optional[float]) -> np.ndarray:
-    """Which answers the proxy escalates: u > delta; no uncertainty means no escalation (trust_router)."""
-    if delta is None:
-        return np.zeros(len(u), dtype=bool)
-    return ~np.isnan(u) & (u > delta)
+def recorded_answer(record: AllPairsRecord, names: Sequence[str]) -> Any:
+    """``answer(tier)`` for :func:`litellm_routenlp.policy.replay`: the record's answer at a 1-based tier."""
+    def answer(tier: int) -> PolicyAnswer:
+        result = record.tiers[names[tier - 1]]
+        return PolicyAnswer(tier=tier, uncertainty=result.uncertainty, text=result.output, cost_usd=result.cost_usd)
+
+    return answer
+
+
+def replay_paths(records: Sequence[AllPairsRecord], rows: np.ndarray, names: Sequence[str], start_tiers: np.ndarray,
+                 available: Sequence[int], policy: Any) -> list[list[int]]:
+    """1-based tiers each of ``rows`` tries under ``policy`` from its start tier (the proxy's loop).
+
+    A start tier that does not serve the task moves to the next that does, as the proxy's
+    eligibility does."""
+    tier_names = {k + 1: name for k, name in enumerate(names)}
+    paths = []
+    for row in rows:
+        start = next(t for t in available if t >= int(start_tiers[row]))
+        tried, _, _ = replay(policy, records[row].task, start, recorded_answer(records[row], names), available,
+                             tier_names)
+        paths.append(tried)
+    return paths
 
 
 def _cell(u: np.ndarray, q: np.ndarray, tau: float, delta: Optional[float]) -> dict[str, Any]:
@@ -128,11 +149,13 @@ def served_tiers(records: Sequence[AllPairsRecord], rows: np.ndarray, names: Seq
 
 
 def fit_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio, start_tiers: Optional[np.ndarray] = None,
-                   alpha: float = 0.05, rule: str = "risk") -> dict[str, dict[str, dict[str, Any]]]:
+                   alpha: float = 0.05, rule: str = "risk", max_hops: int = 3,
+                   no_logprobs_policy: str = "trust_router") -> dict[str, dict[str, dict[str, Any]]]:
     """The ``thresholds`` mapping: per tier, per task, delta and its in-sample diagnostics.
 
-    ``start_tiers`` (0-based, one per record) replays the routed cascade; None fits every tier on
-    every record of the task.
+    ``start_tiers`` (1-based, one per record) replays the routed cascade through the policy, tier by
+    tier: tier k is fitted on the queries that reach it under the thresholds fitted below it.  None
+    fits every tier on every record of the task.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -148,55 +171,50 @@ def fit_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
         for k, name in enumerate(names[:-1]):
             if served[k]:
                 check_not_degenerate(uncertainty[rows, k], quality[rows, k], tau, name, task)
-        reach = np.ones(len(rows), dtype=bool) if start_tiers is None else (start_tiers[rows] == 0)
-        for k, name in enumerate(names):
-            top = k == len(names) - 1
-            if not served[k] and not top:
-                if start_tiers is not None:
-                    reach = reach | (start_tiers[rows] == k + 1)
-                continue
+        available = [k + 1 for k in range(len(names)) if served[k] or k == len(names) - 1]
+        for tier in available:
+            k, name, top = tier - 1, names[tier - 1], tier == len(names)
+            if start_tiers is None:
+                reach = np.ones(len(rows), dtype=bool)
+            else:  # replay with the thresholds fitted so far (tier k has none yet: it keeps every answer)
+                policy = ConformalThresholds(Thresholds.from_cells(thresholds), max_hops=max_hops,
+                                             no_logprobs_policy=no_logprobs_policy)
+                paths = replay_paths(records, rows, names, start_tiers, available, policy)
+                reach = np.array([tier in path for path in paths], dtype=bool)
             u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
             delta = None if top else _fit_cell(u, q, tau, alpha, rule, name, task)
             thresholds[name][task] = _cell(u, q, tau, delta)
-            if top:
-                break
-            if start_tiers is None:
-                continue
-            escalated = np.zeros(len(rows), dtype=bool)
-            escalated[np.nonzero(reach)[0][_escalated(u, delta)]] = True
-            reach = escalated | (start_tiers[rows] == k + 1)
     return thresholds
 
 
 def evaluate_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio,
                         deltas: dict[str, dict[str, Optional[float]]],
-                        start_tiers: Optional[np.ndarray] = None) -> dict[str, dict[str, dict[str, Any]]]:
+                        start_tiers: Optional[np.ndarray] = None, max_hops: int = 3,
+                        no_logprobs_policy: str = "trust_router") -> dict[str, dict[str, dict[str, Any]]]:
     """Replay fixed thresholds on (held-out) records: per tier and task, n, violation, Wilson 95%.
 
-    Same reach logic as :func:`fit_thresholds`; a missing delta means the tier never escalates.
+    Same replay as :func:`fit_thresholds` (the policy); a missing delta means the tier never escalates.
     """
     names = portfolio.tier_names
     quality = tier_values(records, names, "quality")
     uncertainty = tier_values(records, names, "uncertainty")
     tasks = np.array([record.task for record in records])
+    fixed = Thresholds(deltas={tier: {task: float(d) for task, d in per_task.items() if d is not None}
+                               for tier, per_task in deltas.items()})
+    policy = ConformalThresholds(fixed, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy)
     report: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in names}
     for task in sorted(set(tasks.tolist())):
         rows = np.nonzero(tasks == task)[0]
         tau = portfolio.tau(task)
         served = served_tiers(records, rows, names)
-        reach = np.ones(len(rows), dtype=bool) if start_tiers is None else (start_tiers[rows] == 0)
-        for k, name in enumerate(names):
-            if not served[k] and k < len(names) - 1:
-                if start_tiers is not None:
-                    reach = reach | (start_tiers[rows] == k + 1)
-                continue
-            delta = None if k == len(names) - 1 else deltas.get(name, {}).get(task)
-            u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
-            report[name][task] = _cell(u, q, tau, delta)
-            if start_tiers is not None:
-                escalated = np.zeros(len(rows), dtype=bool)
-                escalated[np.nonzero(reach)[0][_escalated(u, delta)]] = True
-                reach = escalated | (start_tiers[rows] == k + 1)
+        available = [k + 1 for k in range(len(names)) if served[k] or k == len(names) - 1]
+        paths = None if start_tiers is None else replay_paths(records, rows, names, start_tiers, available, policy)
+        for tier in available:
+            k, name = tier - 1, names[tier - 1]
+            reach = (np.ones(len(rows), dtype=bool) if paths is None
+                     else np.array([tier in path for path in paths], dtype=bool))
+            delta = None if tier == len(names) else fixed.delta(name, task)
+            report[name][task] = _cell(uncertainty[rows[reach], k], quality[rows[reach], k], tau, delta)
     return report
 
 
@@ -209,7 +227,8 @@ def deltas_of(document: dict[str, Any]) -> dict[str, dict[str, Optional[float]]]
 def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfolio: Union[Portfolio, PathLike],
               router_artifact: Optional[Union[PathLike, Any]] = None, alpha: float = 0.05, n_calib: int = 500,
               out_path: Optional[PathLike] = None, rule: str = "risk", route_confidence: float = 0.5,
-              seed: int = 0, encoder_dir: Optional[PathLike] = None, router_quantized: bool = True) -> dict[str, Any]:
+              seed: int = 0, encoder_dir: Optional[PathLike] = None, router_quantized: bool = True,
+              max_hops: int = 3, no_logprobs_policy: str = "trust_router") -> dict[str, Any]:
     """Fit delta[tier][task] on up to ``n_calib`` calibration queries per task; write ``out_path``.
 
     ``router_artifact`` is the directory ``routenlp train`` wrote, or an already loaded
@@ -218,8 +237,10 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
     the violation rate Pr[q < tau and u <= delta] <= alpha (conformal risk control);
     ``rule="coverage"`` is DESIGN §3's quantile of correct answers' uncertainties, which bounds
     needless escalations of correct answers instead (see :mod:`calibration.conformal`).
-    ``router_quantized`` should match the proxy's ``router_quantized`` so the replayed routing is
-    the served one.  Returns the document written.
+    ``router_quantized``, ``max_hops`` and ``no_logprobs_policy`` should match the proxy's so the
+    replayed cascade is the served one; they are recorded under ``fitted_under`` (with the router's
+    sha256 and the task specs) and checked by :func:`litellm_routenlp.policy.check_fitted_under`.
+    Returns the document written.
     """
     if not isinstance(portfolio, Portfolio):
         portfolio = load_portfolio(portfolio)
@@ -231,7 +252,7 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
     if not records:
         raise ValueError("no calibration records")
     chosen = select_calibration_queries(records, n_calib, seed)
-    start_tiers, router_name = None, None
+    start_tiers, router_name, router_sha = None, None, None
     if router_artifact is not None:
         if isinstance(router_artifact, (str, os.PathLike)):
             from litellm_routenlp.router_model import RouterModel
@@ -243,15 +264,25 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
         if list(router.tiers) != portfolio.tier_names:
             raise ValueError(f"router {router_name} has tiers {router.tiers}, the portfolio {portfolio.tier_names}")
         start_tiers = router_start_tiers(chosen, router, route_confidence)
+        artifact_dir = getattr(router, "artifact_dir", None)
+        if artifact_dir is not None and (Path(artifact_dir) / "router.json").is_file():
+            from litellm_routenlp.policy import router_sha256
+
+            router_sha = router_sha256(artifact_dir)
     document = {
         "format_version": FORMAT_VERSION,
+        "policy": "conformal_thresholds",
         "alpha": alpha,
         "rule": rule,
         "route_confidence": route_confidence if router_artifact is not None else None,
         "data_sha256": data_hash,
         "router_artifact": router_name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "thresholds": fit_thresholds(chosen, portfolio, start_tiers, alpha, rule),
+        "fitted_under": fitted_under(router_sha, router_quantized if router_artifact is not None else None,
+                                     no_logprobs_policy, max_hops,
+                                     {task: {"tau": spec.tau, "kind": spec.kind} for task, spec in portfolio.tasks.items()},
+                                     route_confidence if router_artifact is not None else None),
+        "thresholds": fit_thresholds(chosen, portfolio, start_tiers, alpha, rule, max_hops, no_logprobs_policy),
     }
     if out_path is not None:
         out = Path(out_path)

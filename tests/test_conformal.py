@@ -123,7 +123,7 @@ def test_thresholds_file_has_the_contract_shape_and_the_proxy_reads_it(tmp_path)
     document = json.loads(path.read_text())
     assert document == returned
     assert {"format_version", "alpha", "data_sha256", "router_artifact", "created", "thresholds"} <= set(document)
-    assert document["format_version"] == 1 and document["alpha"] == 0.05 and document["router_artifact"] is None
+    assert document["format_version"] == 2 and document["policy"] == "conformal_thresholds" and document["alpha"] == 0.05 and document["router_artifact"] is None
     for tier, per_task in document["thresholds"].items():
         cell = per_task["truthfulqa"]
         assert set(cell) == {"delta", "n", "n_correct", "violation", "wilson_95"}
@@ -214,19 +214,19 @@ def test_routed_calibration_fits_each_tier_on_the_queries_that_reach_it(routed_s
         unrouted = calibrate(calibration_set, portfolio)
     assert document["router_artifact"] == str(artifact)
     start = router_start_tiers(chosen, router, confidence)
-    assert (start == 1).sum() >= 50 and (start == 2).sum() >= 50
+    assert (start == 2).sum() >= 50 and (start == 3).sum() >= 50
     u = tier_values(chosen, portfolio.tier_names, "uncertainty")
     cells = {tier: document["thresholds"][tier]["medmcqa"] for tier in portfolio.tier_names}
     # replay the cascade independently: reach(k) = routed to k, or escalated from k - 1
-    reach = start == 0
+    reach = start == 1
     for k, tier in enumerate(portfolio.tier_names):
         assert cells[tier]["n"] == int(reach.sum()), tier
         if k == len(portfolio.tier_names) - 1:
             break
         escalated = reach & (u[:, k] > cells[tier]["delta"])
-        reach = escalated | (start == k + 1)
-        if k == 1:
-            assert escalated.any() and reach.sum() > (start == 2).sum()  # T3: routed there + escalated there
+        reach = escalated | (start == k + 2)
+        if k == 1:  # (start tiers are 1-based)
+            assert escalated.any() and reach.sum() > (start == 3).sum()  # T3: routed there + escalated there
     assert [c["n"] for c in cells.values()] != [unrouted["thresholds"][t]["medmcqa"]["n"] for t in cells]
     # held out, replayed through the same router: well-populated tiers stay near alpha
     measured = evaluate_thresholds(held_out, portfolio, deltas_of(document),
@@ -251,4 +251,4 @@ def test_calibrate_loads_the_router_artifact_it_is_given(routed_setup):
         document = calibrate(subset, portfolio, router_artifact=artifact, encoder_dir=ENCODER_DIR)
     start = router_start_tiers(subset, RouterModel.load(artifact, encoder_dir=ENCODER_DIR, quantized=True))
     assert document["router_artifact"] == str(artifact) and document["route_confidence"] == 0.5
-    assert document["thresholds"]["T1"]["medmcqa"]["n"] == int((start == 0).sum())
+    assert document["thresholds"]["T1"]["medmcqa"]["n"] == int((start == 1).sum())
