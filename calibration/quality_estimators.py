@@ -8,11 +8,14 @@ is folded into the stored weights so serving is numpy only.  Isotonic regression
 and not used: it calibrates one score, and these cells combine several signals (ex-ante logit, u,
 agreement); the logistic model stays calibrated on held-out rows (see benchmarks/posterior_quality.py).
 
-Rule for small cells (documented in the JSON ``info``): a (task, S, j) cell is fitted only when the
-task has at least ``min_rows`` calibration rows and each class (acceptable / not) has at least
-``min_per_class`` of them; otherwise the task's rows are served by the pooled cell (every task's
-rows together, the task entering only through the ex-ante logit), fitted under the same rule; and
-when that too is short, the tier keeps its ex-ante estimate (no model is stored).
+Which model serves a (task, S, j) (rule stored in the JSON ``info``), chosen by 3-fold
+out-of-fold log-loss on the calibration rows so that a cell with little data cannot do worse than
+what it replaces: a pooled cell (every task's rows; the task enters through the ex-ante logit) is
+fitted when the rows have >= ``min_rows`` and >= ``min_per_class`` of each class, and kept only if
+it beats the ex-ante estimate; a task gets its own cell (logistic, or the identity = ex-ante) when
+that has a lower out-of-fold log-loss on the task's rows than what the task gets otherwise (the
+pooled cell, else the ex-ante estimate); the L2 strength comes from ``Cs`` by the same criterion.
+With no cell, the tier keeps its ex-ante estimate.
 """
 
 from __future__ import annotations
@@ -22,12 +25,18 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from litellm_routenlp.quality_estimates import (POOLED, AnswerSignals, PosteriorEstimator, cell_key, feature_names,
+from litellm_routenlp.quality_estimates import (LOGIT_CLIP, POOLED, AnswerSignals, PosteriorEstimator, cell_key, feature_names,
                                                 features, signals_of_row)
 
 MIN_ROWS = 40
 MIN_PER_CLASS = 8
-C_DEFAULT = 1.0
+CS_DEFAULT = (0.1, 1.0)  # inverse L2 strengths tried per cell
+N_FOLDS = 3
+RULE = ("per (answered set S, tier j): a pooled cell (all tasks) is fitted when the rows have >= min_rows and "
+        ">= min_per_class of each class, and kept only if its out-of-fold log-loss beats the ex-ante estimate; "
+        "a task gets its own cell (logistic, or the identity = ex-ante) when that choice has a lower out-of-fold "
+        "log-loss on the task's rows than what the task would get otherwise (pooled cell, else ex-ante); a task "
+        "model needs the same row counts within the task. No cell: the ex-ante estimate.")
 
 
 def all_sets(n_tiers: int, max_size: Optional[int] = None) -> list[tuple[int, ...]]:
@@ -55,12 +64,34 @@ def _enough(y: np.ndarray, min_rows: int, min_per_class: int) -> bool:
     return len(y) >= min_rows and min(positives, len(y) - positives) >= min_per_class
 
 
+def _logloss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def _out_of_fold(X: np.ndarray, y: np.ndarray, folds: np.ndarray, n_folds: int, C: float, seed: int) -> np.ndarray:
+    """Out-of-fold P(acceptable) of a cell's logistic model (a fold with one class predicts its rate)."""
+    out = np.empty(len(y))
+    for fold in range(n_folds):
+        held, kept = folds == fold, folds != fold
+        if not held.any():
+            continue
+        if len(np.unique(y[kept])) < 2:
+            out[held] = y[kept].mean() if kept.any() else 0.5
+            continue
+        out[held] = _fit_cell(X[kept], y[kept], C, seed)[0].predict_proba(X[held])[:, 1]
+    return out
+
+
 def fit_posterior_models(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: np.ndarray,
                          uncertainty: Optional[np.ndarray] = None, outputs: Optional[Sequence[Sequence[Optional[str]]]] = None,
                          margins: Optional[np.ndarray] = None, sets: Optional[Iterable[Sequence[int]]] = None,
-                         min_rows: int = MIN_ROWS, min_per_class: int = MIN_PER_CLASS, C: float = C_DEFAULT,
-                         seed: int = 0) -> tuple[PosteriorEstimator, dict[str, Any]]:
-    """:func:`fit_posterior`, also returning the fitted sklearn pipelines by cell key (for tests)."""
+                         min_rows: int = MIN_ROWS, min_per_class: int = MIN_PER_CLASS, Cs: Sequence[float] = CS_DEFAULT,
+                         n_folds: int = N_FOLDS, seed: int = 0) -> tuple[PosteriorEstimator, dict[str, Any]]:
+    """:func:`fit_posterior`, also returning the fitted sklearn pipelines by cell key (for tests).
+
+    Identity cells (the ex-ante estimate chosen by cross-validation) have no pipeline.
+    """
     ex_ante = np.asarray(ex_ante, dtype=np.float64)
     acceptable = np.asarray(acceptable).astype(bool)
     n, K = ex_ante.shape
@@ -74,37 +105,61 @@ def fit_posterior_models(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: 
     if outputs is not None and len(outputs) != n:
         raise ValueError(f"{len(outputs)} output rows for {n} rows")
     task_array = np.asarray(list(tasks))
+    task_names = sorted(set(task_array.tolist()))
+    folds = np.random.default_rng([seed, 14]).permutation(n) % n_folds
     chosen = [tuple(sorted(s)) for s in (sets if sets is not None else all_sets(K))]
     cells: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
-    counts = {"task": 0, "pooled": 0}
+    counts = {"task": 0, "pooled": 0, "ex_ante": 0}
+    base = np.clip(ex_ante, LOGIT_CLIP, 1 - LOGIT_CLIP)  # what an identity cell serves
+
+    def store(task: str, answered: tuple[int, ...], j: int, X: np.ndarray, y: np.ndarray,
+              C: Optional[float]) -> None:
+        key = cell_key(task, answered, j)
+        names = feature_names(answered)
+        if C is None:  # identity: sigmoid(logit(ex-ante)) is the ex-ante estimate
+            weights, bias = np.eye(1, len(names))[0], 0.0
+            counts["ex_ante"] += 1
+        else:
+            models[key], weights, bias = _fit_cell(X, y, C, seed)
+            counts["pooled" if task == POOLED else "task"] += 1
+        cells[key] = {"weights": weights.tolist(), "bias": bias, "features": names}
+
     for answered in chosen:
         X = np.stack([features(ex_ante[row], signals_of_row(uncertainty[row], None if outputs is None else outputs[row],
                                                             answered, None if margins is None else margins[row]))
                       for row in range(n)])  # (n, K, d)
         for j in range(1, K + 1):
-            y = acceptable[:, j - 1]
-            groups = [(POOLED, np.ones(n, bool))] + [(task, task_array == task) for task in sorted(set(tasks))]
-            for task, mask in groups:
+            y, Xj, ex = acceptable[:, j - 1].astype(int), X[:, j - 1], base[:, j - 1]
+            if not _enough(y, min_rows, min_per_class):
+                continue  # no pooled cell: every task keeps its ex-ante estimate
+            pooled_oof = {C: _out_of_fold(Xj, y, folds, n_folds, C, seed) for C in Cs}
+            pooled_C = min(Cs, key=lambda C: _logloss(pooled_oof[C], y))
+            pooled_wins = _logloss(pooled_oof[pooled_C], y) < _logloss(ex, y)
+            store(POOLED, answered, j, Xj, y, pooled_C if pooled_wins else None)
+            for task in task_names:
+                mask = task_array == task
+                # what this task's rows get without a cell of their own
                 if not _enough(y[mask], min_rows, min_per_class):
-                    continue
-                model, weights, bias = _fit_cell(X[mask, j - 1], y[mask].astype(int), C, seed)
-                key = cell_key(task, answered, j)
-                cells[key] = {"weights": weights.tolist(), "bias": bias, "features": feature_names(answered)}
-                models[key] = model
-                counts["pooled" if task == POOLED else "task"] += 1
-    info = {"fitted_by": "calibration.quality_estimators.fit_posterior", "n_rows": int(n), "C": C,
-            "min_rows": min_rows, "min_per_class": min_per_class, "cells": counts,
-            "rule": "task cell if the task has >= min_rows rows and >= min_per_class of each class; else the "
-                    "pooled cell (all tasks) under the same rule; else the ex-ante estimate"}
+                    continue  # too few rows to choose for this task: the pooled cell (or ex-ante) serves it
+                fallback = pooled_oof[pooled_C][mask] if pooled_wins else ex[mask]
+                options: dict[Optional[float], float] = {None: _logloss(ex[mask], y[mask])}
+                for C in Cs:
+                    options[C] = _logloss(_out_of_fold(Xj[mask], y[mask], folds[mask], n_folds, C, seed), y[mask])
+                best = min(options, key=lambda C: options[C])
+                if options[best] < _logloss(fallback, y[mask]):
+                    store(task, answered, j, Xj[mask], y[mask], best)
+    info = {"fitted_by": "calibration.quality_estimators.fit_posterior", "n_rows": int(n), "Cs": list(Cs),
+            "n_folds": n_folds, "min_rows": min_rows, "min_per_class": min_per_class, "cells": counts,
+            "rule": RULE}
     return PosteriorEstimator(K, cells, info), models
 
 
 def fit_posterior(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: np.ndarray,
                   uncertainty: Optional[np.ndarray] = None, outputs: Optional[Sequence[Sequence[Optional[str]]]] = None,
                   margins: Optional[np.ndarray] = None, sets: Optional[Iterable[Sequence[int]]] = None,
-                  min_rows: int = MIN_ROWS, min_per_class: int = MIN_PER_CLASS, C: float = C_DEFAULT,
-                  seed: int = 0) -> PosteriorEstimator:
+                  min_rows: int = MIN_ROWS, min_per_class: int = MIN_PER_CLASS, Cs: Sequence[float] = CS_DEFAULT,
+                  n_folds: int = N_FOLDS, seed: int = 0) -> PosteriorEstimator:
     """Fit P(tier j acceptable | task, ex-ante, answers of S) on calibration rows.
 
     ``tasks`` (n,), ``ex_ante`` (n, K) the router's acceptance estimates (out of sample for these
@@ -114,7 +169,7 @@ def fit_posterior(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: np.ndar
     every non-empty subset of the tiers).  See the module docstring for the small-cell rule.
     """
     return fit_posterior_models(tasks, ex_ante, acceptable, uncertainty, outputs, margins, sets, min_rows,
-                                min_per_class, C, seed)[0]
+                                min_per_class, Cs, n_folds, seed)[0]
 
 
 def bench_outputs(data: Any) -> list[list[Optional[str]]]:
