@@ -64,6 +64,18 @@ def _enough(y: np.ndarray, min_rows: int, min_per_class: int) -> bool:
     return len(y) >= min_rows and min(positives, len(y) - positives) >= min_per_class
 
 
+def _fill_values(X: np.ndarray) -> np.ndarray:
+    """Per column, the mean where present (0 for a column never present): what a missing value reads as."""
+    present = ~np.isnan(X)
+    sums = np.where(present, X, 0.0).sum(axis=0)
+    counts = present.sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+
+
+def _filled(X: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(X), fill[None, :], X)
+
+
 def _logloss(p: np.ndarray, y: np.ndarray) -> float:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
@@ -114,41 +126,45 @@ def fit_posterior_models(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: 
     base = np.clip(ex_ante, LOGIT_CLIP, 1 - LOGIT_CLIP)  # what an identity cell serves
 
     def store(task: str, answered: tuple[int, ...], j: int, X: np.ndarray, y: np.ndarray,
-              C: Optional[float]) -> None:
+              C: Optional[float], fill: np.ndarray) -> None:
         key = cell_key(task, answered, j)
         names = feature_names(answered)
         if C is None:  # identity: sigmoid(logit(ex-ante)) is the ex-ante estimate
-            weights, bias = np.eye(1, len(names))[0], 0.0
+            weights, bias, fill = np.eye(1, len(names))[0], 0.0, np.zeros(len(names))
             counts["ex_ante"] += 1
         else:
             models[key], weights, bias = _fit_cell(X, y, C, seed)
             counts["pooled" if task == POOLED else "task"] += 1
-        cells[key] = {"weights": weights.tolist(), "bias": bias, "features": names}
+        cells[key] = {"weights": weights.tolist(), "bias": bias, "fill": fill.tolist(), "features": names}
 
     for answered in chosen:
         X = np.stack([features(ex_ante[row], signals_of_row(uncertainty[row], None if outputs is None else outputs[row],
                                                             answered, None if margins is None else margins[row]))
                       for row in range(n)])  # (n, K, d)
         for j in range(1, K + 1):
-            y, Xj, ex = acceptable[:, j - 1].astype(int), X[:, j - 1], base[:, j - 1]
+            y, ex = acceptable[:, j - 1].astype(int), base[:, j - 1]
             if not _enough(y, min_rows, min_per_class):
                 continue  # no pooled cell: every task keeps its ex-ante estimate
+            pooled_fill = _fill_values(X[:, j - 1])
+            Xj = _filled(X[:, j - 1], pooled_fill)
             pooled_oof = {C: _out_of_fold(Xj, y, folds, n_folds, C, seed) for C in Cs}
             pooled_C = min(Cs, key=lambda C: _logloss(pooled_oof[C], y))
             pooled_wins = _logloss(pooled_oof[pooled_C], y) < _logloss(ex, y)
-            store(POOLED, answered, j, Xj, y, pooled_C if pooled_wins else None)
+            store(POOLED, answered, j, Xj, y, pooled_C if pooled_wins else None, pooled_fill)
             for task in task_names:
                 mask = task_array == task
-                # what this task's rows get without a cell of their own
                 if not _enough(y[mask], min_rows, min_per_class):
                     continue  # too few rows to choose for this task: the pooled cell (or ex-ante) serves it
+                task_fill = _fill_values(X[mask, j - 1])
+                Xt = _filled(X[mask, j - 1], task_fill)
+                # what this task's rows get without a cell of their own
                 fallback = pooled_oof[pooled_C][mask] if pooled_wins else ex[mask]
                 options: dict[Optional[float], float] = {None: _logloss(ex[mask], y[mask])}
                 for C in Cs:
-                    options[C] = _logloss(_out_of_fold(Xj[mask], y[mask], folds[mask], n_folds, C, seed), y[mask])
+                    options[C] = _logloss(_out_of_fold(Xt, y[mask], folds[mask], n_folds, C, seed), y[mask])
                 best = min(options, key=lambda C: options[C])
                 if options[best] < _logloss(fallback, y[mask]):
-                    store(task, answered, j, Xj[mask], y[mask], best)
+                    store(task, answered, j, Xt, y[mask], best, task_fill)
     info = {"fitted_by": "calibration.quality_estimators.fit_posterior", "n_rows": int(n), "Cs": list(Cs),
             "n_folds": n_folds, "min_rows": min_rows, "min_per_class": min_per_class, "cells": counts,
             "rule": RULE}

@@ -16,11 +16,14 @@ pooled cell (fitted on every task's rows, task name ``*``), else the ex-ante est
 (a cell with too few rows is never stored; see ``fit_posterior``).
 
 Features of cell (S, j), in this order (:func:`feature_names` names them):
-  ``logit_ex_ante_j``; for each answered tier i in S (ascending): ``u_i`` (0 when missing),
-  ``u_missing_i`` (1 when the tier gave no logprobs: ``no_logprobs_policy`` tiers land here),
-  ``margin_i`` (0 when missing), ``margin_missing_i``; when |S| >= 2: ``agreement_S`` (mean
-  pairwise agreement of the answers, 0 when unknown), ``agreement_missing``, and
-  ``agreement_j_others`` (j's answer against the others', 0 when j is not in S or unknown).
+  ``logit_ex_ante_j``; for each answered tier i in S (ascending): ``u_i``, ``u_missing_i`` (1 when
+  the tier gave no logprobs: ``no_logprobs_policy`` tiers land here), ``margin_i``,
+  ``margin_missing_i``; when |S| >= 2: ``agreement_S`` (mean pairwise agreement of the answers),
+  ``agreement_missing``, and ``agreement_j_others`` (j's answer against the others'; 0 when j is
+  not in S).  A missing value is replaced by the cell's ``fill`` (its mean on the calibration rows
+  where it was present, 0 when it never was), so a tier that gives no logprobs at serving time but
+  did in calibration is read as "average u", never as "u = 0, certain"; the indicator carries the
+  rest.
 Stored as JSON (no pickle).
 """
 
@@ -128,7 +131,7 @@ def answered_set(answers: Sequence[AnswerSignals], n_tiers: int) -> tuple[int, .
 
 
 def features(ex_ante: np.ndarray, answers: Sequence[AnswerSignals]) -> np.ndarray:
-    """(K, d) feature matrix, one row per target tier j, for the answered set of ``answers``."""
+    """(K, d) raw feature matrix, one row per target tier j (NaN = missing; see the module docstring)."""
     ex_ante = np.asarray(ex_ante, dtype=np.float64).reshape(-1)
     K = ex_ante.shape[0]
     ordered = sorted(answers, key=lambda answer: answer.tier)
@@ -138,18 +141,18 @@ def features(ex_ante: np.ndarray, answers: Sequence[AnswerSignals]) -> np.ndarra
         u, margin = answer.uncertainty, answer.margin
         u_ok = u is not None and not math.isnan(u)
         margin_ok = margin is not None and not math.isnan(margin)
-        shared += [float(u) if u_ok else 0.0, 0.0 if u_ok else 1.0,
-                   float(margin) if margin_ok else 0.0, 0.0 if margin_ok else 1.0]
+        shared += [float(u) if u_ok else math.nan, 0.0 if u_ok else 1.0,
+                   float(margin) if margin_ok else math.nan, 0.0 if margin_ok else 1.0]
     j_agreement = np.zeros(K)
     if len(ordered) >= 2:
         pairs: dict[tuple[int, int], Optional[float]] = {}
         for first, second in combinations(ordered, 2):
             pairs[(first.tier, second.tier)] = agreement(first.text, second.text)
         known = [value for value in pairs.values() if value is not None]
-        shared += [float(np.mean(known)) if known else 0.0, 0.0 if len(known) == len(pairs) else 1.0]
+        shared += [float(np.mean(known)) if known else math.nan, 0.0 if len(known) == len(pairs) else 1.0]
         for answer in ordered:
             mine = [value for (a, b), value in pairs.items() if answer.tier in (a, b) and value is not None]
-            j_agreement[answer.tier - 1] = float(np.mean(mine)) if mine else 0.0
+            j_agreement[answer.tier - 1] = float(np.mean(mine)) if mine else math.nan
     out = np.empty((K, 1 + len(shared) + (1 if len(ordered) >= 2 else 0)))
     out[:, 0] = _logit(ex_ante)
     out[:, 1:1 + len(shared)] = shared
@@ -177,12 +180,13 @@ class PosteriorEstimator:
             raise PosteriorArtifactError(f"n_tiers must be >= 1, got {n_tiers}")
         self.n_tiers = int(n_tiers)
         self.info = dict(info or {})
-        self.cells: dict[tuple[str, tuple[int, ...], int], tuple[np.ndarray, float]] = {}
+        self.cells: dict[tuple[str, tuple[int, ...], int], tuple[np.ndarray, float, np.ndarray]] = {}
         for key, cell in cells.items():
             try:
                 task, answered, tier = _parse_key(key)
                 weights = np.asarray(cell["weights"], dtype=np.float64)
                 bias = float(cell["bias"])
+                fill = np.asarray(cell.get("fill", np.zeros(len(weights))), dtype=np.float64)
             except (KeyError, TypeError, ValueError) as error:
                 raise PosteriorArtifactError(f"cell {key!r}: malformed ({error})") from None
             if not 1 <= tier <= self.n_tiers or any(not 1 <= t <= self.n_tiers for t in answered) \
@@ -191,23 +195,33 @@ class PosteriorEstimator:
             expected = len(feature_names(answered))
             if weights.shape != (expected,) or not np.all(np.isfinite(weights)) or not math.isfinite(bias):
                 raise PosteriorArtifactError(f"cell {key!r}: needs {expected} finite weights, got {weights.shape}")
-            self.cells[(task, tuple(sorted(answered)), tier)] = (weights, bias)
+            if fill.shape != (expected,) or not np.all(np.isfinite(fill)):
+                raise PosteriorArtifactError(f"cell {key!r}: needs {expected} finite fill values, got {fill.shape}")
+            self.cells[(task, tuple(sorted(answered)), tier)] = (weights, bias, fill)
         self.tasks = sorted({task for task, _, _ in self.cells if task != POOLED})
-        self._stacks: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._stacks: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, ...]] = {}
 
-    def _stack(self, task: str, answered: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(K, d) weights, (K,) biases and (K,) has-a-model mask of (task, S), cached."""
+    def _stack(self, task: str, answered: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        """(K, d) weights, (K,) biases, (K, d) fill values and (K,) has-a-model mask of (task, S), cached."""
         key = (task, answered)
         stack = self._stacks.get(key)
         if stack is None:
             d = len(feature_names(answered))
             weights, biases, fitted = np.zeros((self.n_tiers, d)), np.zeros(self.n_tiers), np.zeros(self.n_tiers, bool)
+            fills = np.zeros((self.n_tiers, d))
             for j in range(1, self.n_tiers + 1):
                 cell = self.cells.get((task, answered, j)) or self.cells.get((POOLED, answered, j))
                 if cell is not None:
-                    weights[j - 1], biases[j - 1], fitted[j - 1] = cell[0], cell[1], True
-            stack = self._stacks[key] = (weights, biases, fitted)
+                    weights[j - 1], biases[j - 1], fills[j - 1], fitted[j - 1] = cell[0], cell[1], cell[2], True
+            stack = self._stacks[key] = (weights, biases, fills, fitted)
         return stack
+
+    def design(self, task: Optional[str], ex_ante: np.ndarray, answers: Sequence[AnswerSignals]) -> np.ndarray:
+        """(K, d) features as the cells read them: :func:`features` with missing values filled."""
+        ex_ante = np.asarray(ex_ante, dtype=np.float64).reshape(-1)
+        raw = features(ex_ante, answers)
+        fills = self._stack(task if task is not None else POOLED, answered_set(answers, self.n_tiers))[2]
+        return np.where(np.isnan(raw), fills, raw)
 
     def source(self, task: Optional[str], answered: Sequence[int], tier: int) -> str:
         """Which model answers for ``tier`` (1-based): ``task``, ``pooled`` or ``ex_ante``."""
@@ -224,8 +238,9 @@ class PosteriorEstimator:
         if not answers:
             return ex_ante.copy()
         answered = answered_set(answers, self.n_tiers)
-        weights, biases, fitted = self._stack(task if task is not None else POOLED, answered)
-        z = np.einsum("kd,kd->k", features(ex_ante, answers), weights) + biases
+        weights, biases, fills, fitted = self._stack(task if task is not None else POOLED, answered)
+        raw = features(ex_ante, answers)
+        z = np.einsum("kd,kd->k", np.where(np.isnan(raw), fills, raw), weights) + biases
         posterior = 1.0 / (1.0 + np.exp(-z))
         return np.where(fitted, posterior, ex_ante)
 
@@ -234,8 +249,8 @@ class PosteriorEstimator:
 
     def to_dict(self) -> dict[str, Any]:
         cells = {cell_key(task, answered, tier): {"weights": [float(w) for w in weights], "bias": float(bias),
-                                                  "features": feature_names(answered)}
-                 for (task, answered, tier), (weights, bias) in sorted(self.cells.items())}
+                                                  "fill": [float(f) for f in fill], "features": feature_names(answered)}
+                 for (task, answered, tier), (weights, bias, fill) in sorted(self.cells.items())}
         return {"format_version": FORMAT_VERSION, "kind": "routenlp-posterior-estimator", "n_tiers": self.n_tiers,
                 "info": self.info, "cells": cells}
 

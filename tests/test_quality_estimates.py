@@ -93,7 +93,7 @@ def test_predictions_match_sklearn_predict_proba(fitted):
     for answered in all_sets(3):
         for row in range(0, 200, 17):
             signals = signals_of_row(uncertainty[row], outputs[row], answered)
-            X = features(ex_ante[row], signals)
+            X = estimator.design(tasks[row], ex_ante[row], signals)
             post = estimator.predict(tasks[row], ex_ante[row], signals)
             for j in range(1, 4):
                 source = estimator.source(tasks[row], answered, j)
@@ -135,6 +135,19 @@ def test_small_cells_fall_back_to_pooled_then_to_ex_ante():
     np.testing.assert_array_equal(estimator.predict("a", ex_ante[0], []), ex_ante[0])
     all_ones = fit_posterior(tasks, ex_ante, np.ones_like(acceptable), uncertainty, sets=[(1,)])
     assert all_ones.cells == {}  # one class only: nothing to fit, every tier keeps its ex-ante value
+
+
+def test_missing_logprobs_read_as_average_not_as_certain(fitted):
+    """A tier that had u in calibration but none now is filled with the calibration mean of u."""
+    estimator, _ = fitted
+    ex = np.array([0.4, 0.6, 0.8])
+    missing = estimator.predict("a", ex, [AnswerSignals(1, None)])
+    certain = estimator.predict("a", ex, [AnswerSignals(1, 0.0)])
+    source = estimator.source("a", (1,), 3)
+    assert source in ("task", "pooled")
+    fill = estimator.cells[("a" if source == "task" else "*", (1,), 3)][2]
+    assert 0.0 < fill[1] < 1.0  # the mean u of tier 1 on the calibration rows where it was present
+    assert missing[2] < certain[2]  # u = 0 would mean "certain": a missing u must not read as that
 
 
 def test_bad_input_and_bad_files_are_refused(fitted, tmp_path):
