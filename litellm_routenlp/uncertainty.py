@@ -63,3 +63,36 @@ def response_uncertainty(response: Any) -> Optional[float]:
     if not choices:
         return None
     return token_uncertainty(logprobs_of_choice(choices[0]))
+
+
+def token_margin(top_logprobs: Sequence[Sequence[float]]) -> Optional[float]:
+    """Mean over tokens of ``p(top token) - p(runner-up)``; ``None`` when no token has alternatives.
+
+    ``top_logprobs`` holds, per generated token, the log-probabilities of its top alternatives
+    (OpenAI ``top_logprobs``; any order).  A token with a single alternative has margin p(top).
+    The one margin function: the post-answer quality estimator (``quality_estimates``) reads it
+    online and its calibration rows offline.
+    """
+    margins = []
+    for alternatives in top_logprobs:
+        probabilities = sorted((math.exp(min(float(value), 0.0)) for value in alternatives), reverse=True)
+        if any(math.isnan(p) for p in probabilities):
+            raise ValueError("top logprob is NaN")
+        if probabilities:
+            margins.append(probabilities[0] - (probabilities[1] if len(probabilities) > 1 else 0.0))
+    return sum(margins) / len(margins) if margins else None
+
+
+def response_margin(response: Any) -> Optional[float]:
+    """Top-token margin of the first choice of an OpenAI-format completion; ``None`` without top_logprobs."""
+    choices = _get(response, "choices") or []
+    content = _get(_get(choices[0], "logprobs"), "content") if choices else None
+    if not content:
+        return None
+    per_token = []
+    for item in content:
+        alternatives = _get(item, "top_logprobs") or []
+        values = [float(_get(alt, "logprob")) for alt in alternatives if _get(alt, "logprob") is not None]
+        if values:
+            per_token.append(values)
+    return token_margin(per_token)

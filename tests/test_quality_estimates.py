@@ -177,3 +177,19 @@ def test_serving_module_imports_numpy_only():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root(),
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_top_token_margin_is_mean_gap_between_the_two_best_tokens():
+    import math
+
+    from litellm_routenlp.uncertainty import response_margin, token_margin
+
+    assert token_margin([[math.log(0.7), math.log(0.2)], [math.log(0.9)]]) == pytest.approx((0.5 + 0.9) / 2)
+    assert token_margin([[math.log(0.2), math.log(0.7)]]) == pytest.approx(0.5)  # any order
+    assert token_margin([]) is None
+    with pytest.raises(ValueError, match="NaN"):
+        token_margin([[float("nan")]])
+    response = {"choices": [{"logprobs": {"content": [
+        {"logprob": math.log(0.6), "top_logprobs": [{"logprob": math.log(0.6)}, {"logprob": math.log(0.3)}]}]}}]}
+    assert response_margin(response) == pytest.approx(0.3)
+    assert response_margin({"choices": [{"logprobs": None}]}) is None
