@@ -11,9 +11,23 @@ Three sources describe the same requests:
 - **the JSON of ``GET /spend/logs``** (or ``/spend/logs/v2``): the same rows as the table, serialised
   by the proxy (``metadata`` as an object or as a JSON string, times as ISO strings).
 
-Whatever the source, the result is a list of :class:`RequestRecord`: the request id (LiteLLM's
-``litellm_call_id``, which is also the decision log's ``request_id``), task, query text, and the
-calls in path order.  A request *escalated* when it has more than one call; its cheapest call is
+Whatever the source, the result is a list of :class:`RequestRecord`: the request id (the plugin's
+own uuid4, the decision log's ``request_id``, which the plugin also writes into the client call's
+``spend_logs_metadata.routenlp_request_id`` and into each escalation's ``routenlp_parent_request_id``;
+logs written before that carry LiteLLM's ``litellm_call_id`` there, and are read the old way), task,
+query text, and the calls in path order.  The client's own ``x-litellm-call-id`` is only
+``client_call_id``: a client can choose it, so two requests may share it.
+
+Which links are trusted.  A spend row says it is an escalation of another request through
+``spend_logs_metadata``, which a client could fill in on its own call (the plugin removes client-sent
+``routenlp*`` keys and ``routenlp-*`` tags at the door since issue 11, but older rows, or rows of a
+proxy without the plugin, may carry forged ones).  Given the decision log (``decisions=``), the
+join trusts a link only when the decision record of the parent lists that row's call id among its
+attempts (the plugin chooses each escalation's call id and records it); a row whose link is not
+listed is read as a client call of its own.  Decision records older than that list no call ids:
+a link to one is trusted when the row's tier is one of the record's escalated-to tiers, once per
+tier.  Without ``decisions`` nothing can be verified and links are taken as written; the CLI
+(``routenlp coopt read-logs``) and the co-optimisation loop always pass the decision log.  A request *escalated* when it has more than one call; its cheapest call is
 where the portfolio failed.
 
 What a spend-log row can tell depends on the proxy's settings: the query text and the task come from
@@ -37,6 +51,8 @@ SPEND_LOGS_TABLE = "LiteLLM_SpendLogs"
 PARENT_KEY = "routenlp_parent_call_id"
 TIER_KEY = "routenlp_tier"
 PREVIOUS_U_KEY = "routenlp_previous_uncertainty"
+REQUEST_ID_KEY = "routenlp_request_id"                 # the client call's row: the plugin's request id
+PARENT_REQUEST_KEY = "routenlp_parent_request_id"      # an escalation row: the plugin id of its request
 # Columns read from the table; the ones only newer LiteLLM schemas have are added when present.
 _BASE_COLUMNS = ("request_id", "call_type", "spend", "prompt_tokens", "completion_tokens", "startTime", "endTime",
                  "model", "model_id", "model_group", "metadata", "messages", "response", "status")
@@ -68,6 +84,7 @@ class RequestRecord:
     source: str                         # decision_log | spend_logs_db | spend_logs_json | merged
     routed_tier: Optional[str] = None   # the router's choice (decision log only)
     ts: Optional[str] = None
+    client_call_id: Optional[str] = None  # the client's x-litellm-call-id (not unique: clients choose it)
 
     @property
     def path(self) -> list[str]:
@@ -104,7 +121,8 @@ class RequestRecord:
     def from_dict(cls, raw: Mapping[str, Any]) -> "RequestRecord":
         calls = tuple(TierCall(**call) for call in raw.get("calls") or [])
         return cls(request_id=str(raw["request_id"]), task=raw.get("task"), prompt=raw.get("prompt"), calls=calls,
-                   source=str(raw.get("source", "unknown")), routed_tier=raw.get("routed_tier"), ts=raw.get("ts"))
+                   source=str(raw.get("source", "unknown")), routed_tier=raw.get("routed_tier"), ts=raw.get("ts"),
+                   client_call_id=raw.get("client_call_id"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,21 +133,27 @@ def read_decision_log(path: str | os.PathLike[str]) -> list[RequestRecord]:
     """Every complete request of a RouteNLP decision log (failed requests without attempts are skipped)."""
     from litellm_routenlp.decision_log import read_decisions
 
-    out = []
+    out: dict[str, RequestRecord] = {}
+    retracted: set[str] = set()
     for raw in read_decisions(path):
+        if raw.get("outcome") == "failed_after_answer" and raw.get("request_id"):
+            retracted.add(str(raw["request_id"]))  # answered, then lost on the way out: not served
+            continue
         attempts = raw.get("attempts") or []
         if not attempts or not raw.get("request_id"):
             continue
         calls = tuple(TierCall(tier=a.get("tier_name") or (f"T{a['tier']}" if a.get("tier") else None),
                                uncertainty=_number(a.get("uncertainty")), cost_usd=_number(a.get("cost_usd")) or 0.0,
                                escalated=bool(a.get("escalated")), model_id=a.get("model_id"),
-                               error=a.get("error"))
+                               call_id=a.get("call_id"), error=a.get("error"))
                       for a in attempts)
         router = raw.get("router") or {}
-        out.append(RequestRecord(request_id=str(raw["request_id"]), task=raw.get("task"), prompt=raw.get("prompt"),
-                                 calls=calls, source="decision_log", routed_tier=router.get("routed_tier"),
-                                 ts=raw.get("ts")))
-    return out
+        request_id = str(raw["request_id"])
+        out.setdefault(request_id, RequestRecord(
+            request_id=request_id, task=raw.get("task"), prompt=raw.get("prompt"), calls=calls,
+            source="decision_log", routed_tier=router.get("routed_tier"), ts=raw.get("ts"),
+            client_call_id=raw.get("client_call_id")))
+    return [record for request_id, record in out.items() if request_id not in retracted]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,18 +236,58 @@ def tier_names_by_model_id(config_path: str | os.PathLike[str]) -> dict[str, str
     return out
 
 
+class _LinkVerifier:
+    """Which (parent request, child row) links the decision log vouches for (module docstring)."""
+
+    def __init__(self, decisions: Sequence[RequestRecord]) -> None:
+        self.call_ids: dict[str, set[str]] = {}
+        self.legacy_tiers: dict[str, list[str]] = {}
+        self.by_client_call: dict[str, list[str]] = {}
+        for record in decisions:
+            listed = {call.call_id for call in record.calls[1:] if call.call_id}
+            if listed or record.client_call_id is not None:
+                self.call_ids[record.request_id] = listed
+            else:  # written before decision records listed call ids
+                self.legacy_tiers[record.request_id] = [c.tier for c in record.calls[1:] if c.tier and c.error is None]
+            if record.client_call_id:
+                self.by_client_call.setdefault(record.client_call_id, []).append(record.request_id)
+
+    def parent_of(self, row: Mapping[str, Any]) -> Optional[str]:
+        """The request id the row is a verified escalation of, or None."""
+        extra = row["spend_logs_metadata"]
+        parent = extra.get(PARENT_REQUEST_KEY)
+        candidates = [str(parent)] if parent else []
+        legacy_parent = extra.get(PARENT_KEY)
+        if legacy_parent:
+            candidates += [str(legacy_parent)] + self.by_client_call.get(str(legacy_parent), [])
+        for request_id in candidates:
+            if row["call_id"] in self.call_ids.get(request_id, ()):
+                return request_id
+            tiers = self.legacy_tiers.get(request_id)
+            tier = extra.get(TIER_KEY)
+            if tiers is not None and tier in tiers:
+                tiers.remove(tier)  # each escalated-to tier vouches for one row
+                return request_id
+        return None
+
+
 def join_spend_logs(rows: Iterable[Mapping[str, Any]], tier_by_model_id: Optional[Mapping[str, str]] = None,
-                    model_group: Optional[str] = None, source: str = "spend_logs") -> list[RequestRecord]:
+                    model_group: Optional[str] = None, source: str = "spend_logs",
+                    decisions: Optional[Sequence[RequestRecord]] = None) -> list[RequestRecord]:
     """Join spend-log rows into one :class:`RequestRecord` per client request.
 
-    A row with ``spend_logs_metadata.routenlp_parent_call_id`` is an escalation call of that parent (the
-    plugin links every hop to the client's call); all other rows are client calls.  Within a request
-    the calls are ordered by tier (then start time); each call's uncertainty is the
-    ``routenlp_previous_uncertainty`` the next hop recorded (the last answer's is unknown here), and
-    every call but the last counts as escalated.  Escalation rows whose parent is missing (e.g. cut off
-    by a time window) are grouped under the parent id anyway.  ``model_group`` keeps one alias.
+    A row with a parent link in ``spend_logs_metadata`` (``routenlp_parent_request_id``, or in older
+    rows ``routenlp_parent_call_id``) is an escalation call of that parent -- when ``decisions`` (the
+    decision log's records) vouch for it, see the module docstring; a link they do not vouch for is
+    ignored and the row read as a client call.  All other rows are client calls, keyed by the
+    plugin's ``routenlp_request_id`` (older rows: their call id).  Within a request the calls are
+    ordered by tier (then start time); each call's uncertainty is the ``routenlp_previous_uncertainty``
+    the next hop recorded (the last answer's is unknown here), and every call but the last counts as
+    escalated.  Escalation rows whose parent is missing (e.g. cut off by a time window) are grouped
+    under the parent id anyway.  ``model_group`` keeps one alias.
     """
     tier_by_model_id = dict(tier_by_model_id or {})
+    verifier = _LinkVerifier(decisions) if decisions is not None else None
     parents: dict[str, dict[str, Any]] = {}
     children: dict[str, list[dict[str, Any]]] = {}
     order: list[str] = []
@@ -232,15 +296,25 @@ def join_spend_logs(rows: Iterable[Mapping[str, Any]], tier_by_model_id: Optiona
         if model_group is not None and row["model_group"] not in (None, "", model_group):
             continue
         extra = row["spend_logs_metadata"]
-        parent_id = extra.get(PARENT_KEY)
-        if parent_id:
-            children.setdefault(str(parent_id), []).append(row)
-            if str(parent_id) not in order:
-                order.append(str(parent_id))
+        claimed = extra.get(PARENT_REQUEST_KEY) or extra.get(PARENT_KEY)
+        if claimed and verifier is not None:
+            parent_id = verifier.parent_of(row)
         else:
-            parents[row["call_id"]] = row
-            if row["call_id"] not in order:
-                order.append(row["call_id"])
+            parent_id = str(claimed) if claimed else None
+        if parent_id:
+            children.setdefault(parent_id, []).append(row)
+            if parent_id not in order:
+                order.append(parent_id)
+        else:
+            key = str(extra.get(REQUEST_ID_KEY) or row["call_id"])
+            if claimed:  # an unverified link: the row is a client call, and its link metadata is not its own
+                row = {**row, "spend_logs_metadata": {k: v for k, v in extra.items()
+                                                      if k not in (PARENT_KEY, PARENT_REQUEST_KEY, TIER_KEY,
+                                                                   PREVIOUS_U_KEY)}}
+                key = str(row["call_id"]) if key in parents else key
+            parents[key] = row
+            if key not in order:
+                order.append(key)
     out = []
     for request_id in order:
         parent = parents.get(request_id)
@@ -253,13 +327,13 @@ def join_spend_logs(rows: Iterable[Mapping[str, Any]], tier_by_model_id: Optiona
             tier = row["spend_logs_metadata"].get(TIER_KEY) or tier_by_model_id.get(str(row["model_id"] or ""))
             calls.append(TierCall(
                 tier=tier, cost_usd=row["spend"], escalated=following is not None, model_id=row["model_id"] or None,
-                call_id=row["request_id"], output=row["output"], error=row["error"],
+                call_id=row["call_id"], output=row["output"], error=row["error"],
                 uncertainty=_number(following["spend_logs_metadata"].get(PREVIOUS_U_KEY)) if following else None))
         anchor = parent or members[0]
         task = next((r["task"] for r in members if r["task"]), None)
         prompt = next((r["prompt"] for r in members if r["prompt"]), None)
         out.append(RequestRecord(request_id=request_id, task=task, prompt=prompt, calls=tuple(calls), source=source,
-                                 ts=anchor["start"]))
+                                 ts=anchor["start"], client_call_id=parent["call_id"] if parent else None))
     return out
 
 

@@ -370,10 +370,10 @@ class Pipeline:
         tiers = tier_names_by_model_id(self.settings.config)
         if self.settings.spend_logs_json:
             extra.append(join_spend_logs(read_spend_logs_json(self.settings.spend_logs_json), tiers,
-                                         source="spend_logs_json"))
+                                         source="spend_logs_json", decisions=records))
         if self.settings.spend_logs_dsn:
             extra.append(join_spend_logs(read_spend_logs_postgres(self.settings.spend_logs_dsn), tiers,
-                                         source="spend_logs_db"))
+                                         source="spend_logs_db", decisions=records))
         records = merge_sources(records, *extra)
         write_requests(records, inputs / "requests.jsonl")
         (inputs / "requests_summary.json").write_text(json.dumps(summarise(records), indent=1) + "\n")

@@ -10,6 +10,9 @@
     routenlp bench            --dataset cascades_9llm|routerbench|routellm|all --out DIR  (the shared sets)
     routenlp coopt            [run|read-logs|failures|cluster|select|distill|retrain|compare|status|
                                activate|rollback|report] ...  (co-optimisation, Algorithm 1)
+    routenlp report           --decisions D.jsonl [--since 24h] [--until T] [--verdicts V.jsonl] [--baseline B.json]
+                              [--json F] [--html F] [--strict]   (operations report, drift alerts)
+    routenlp check            (same inputs) exit 1 and one line per alert, else `ok`   (for cron)
 
 Heavy dependencies (torch, transformers, scikit-learn) are imported only by the command that needs
 them, so ``routenlp --help`` and the proxy stay light.  Errors are printed as one line naming the
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
     _add_coopt_parser(sub)
+    _add_ops_parsers(sub)
     return parser
 
 
@@ -309,11 +313,13 @@ def _cmd_coopt_read_logs(args: argparse.Namespace) -> int:
 
     tiers = tier_names_by_model_id(args.config)
     sources = [read_decision_log(path) for path in args.decisions or []]
-    sources += [join_spend_logs(read_spend_logs_json(path), tiers, args.model_group, "spend_logs_json")
+    # the decision log vouches for the escalation links of spend rows (coopt.logs docstring)
+    decisions = [record for source in sources for record in source] if sources else None
+    sources += [join_spend_logs(read_spend_logs_json(path), tiers, args.model_group, "spend_logs_json", decisions)
                 for path in args.spend_logs_json or []]
     if args.spend_logs_dsn:
         rows = read_spend_logs_postgres(args.spend_logs_dsn, model_group=args.model_group)
-        sources.append(join_spend_logs(rows, tiers, args.model_group, "spend_logs_db"))
+        sources.append(join_spend_logs(rows, tiers, args.model_group, "spend_logs_db", decisions))
     if not sources:
         raise ValueError("give at least one of --decisions, --spend-logs-json, --spend-logs-dsn")
     records = merge_sources(*sources)
@@ -559,6 +565,89 @@ def _add_coopt_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default="artifacts/coopt/demo")
     p.add_argument("--iteration", type=int, required=True)
     p.set_defaults(func=_cmd_coopt_activate)
+
+
+# ---------------------------------------------------------------------------------------------------
+# routenlp report / check: the operations report and its drift alerts (coopt/ops_report.py)
+
+
+def _ops_report(args: argparse.Namespace) -> dict:
+    import json
+
+    from coopt.logs import tier_names_by_model_id
+    from coopt.ops_report import (build_report, load_baseline, load_requests, parse_targets, parse_when,
+                                  quality_targets, read_verdicts, thresholds_baseline, Baseline)
+
+    since, until = parse_when(args.since), parse_when(args.until)
+    records, scan = load_requests(args.decisions or [], since=since, until=until,
+                                  spend_logs_json=args.spend_logs_json or [], config=args.config,
+                                  progress=False if args.no_progress else None)
+    for warning in scan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    document = None
+    if args.thresholds and Path(args.thresholds).is_file():
+        try:
+            document = json.loads(Path(args.thresholds).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{args.thresholds}: not valid JSON ({error})") from None
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    if baseline is None and thresholds_baseline(document):
+        baseline = Baseline(thresholds_baseline(document), f"{args.thresholds} (calibration)")
+    targets = {**quality_targets(document), **parse_targets(args.target or [])}
+    verdicts = read_verdicts(args.verdicts, scan.warnings) if args.verdicts else None
+    tiers = tier_names_by_model_id(args.config) if args.config and Path(args.config).is_file() else {}
+    top = max(tiers.values(), key=lambda name: int(name.lstrip("T"))) if tiers else None
+    return build_report(records, scan, since=since, until=until, verdicts=verdicts, baseline=baseline,
+                        targets=targets, top_tier=top,
+                        sources=[str(p) for p in (args.decisions or []) + (args.spend_logs_json or [])])
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from coopt.ops_report import render_text, write_html, write_json
+
+    report = _ops_report(args)
+    print(render_text(report))
+    if args.json:
+        print(f"json: {write_json(report, args.json)}")
+    if args.html:
+        print(f"html: {write_html(report, args.html)}")
+    return 3 if args.strict and report["warnings"] else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from coopt.ops_report import checks_made
+
+    report = _ops_report(args)
+    for alert in report["alerts"]:
+        print(alert["line"])
+    print(checks_made(report), file=sys.stderr)
+    if report["alerts"]:
+        return 1
+    print("ok")
+    return 3 if args.strict and report["warnings"] else 0
+
+
+def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, func, text in (
+            ("report", _cmd_report, "operations report: spend, savings, tier shares, escalation, quality, alerts"),
+            ("check", _cmd_check, "drift alerts for cron: exit 1 and one line per alert, else `ok`")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--decisions", action="append", help="decision log JSONL (repeatable)")
+        p.add_argument("--spend-logs-json", action="append", help="GET /spend/logs JSON (repeatable)")
+        p.add_argument("--config", default="proxy_config.yaml", help="proxy config: tier of each deployment")
+        p.add_argument("--since", help="window start: ISO time or relative (24h, 30m, 7d)")
+        p.add_argument("--until", help="window end (exclusive): ISO time or relative")
+        p.add_argument("--thresholds", default="artifacts/thresholds.json",
+                       help="thresholds / policy file: certified targets (and escalation baselines if it has them)")
+        p.add_argument("--baseline", help="escalation baseline: `routenlp report --json` of a reference window")
+        p.add_argument("--verdicts", help="verdicts JSONL: {request_id, acceptable, source} per line")
+        p.add_argument("--target", action="append", help="certified quality target override, task=0.9 (repeatable)")
+        p.add_argument("--strict", action="store_true", help="exit 3 when a log line was corrupt")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "report":
+            p.add_argument("--json", help="write the report as JSON here")
+            p.add_argument("--html", help="write one self-contained HTML page here")
+        p.set_defaults(func=func)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -76,6 +76,10 @@ class RouteNLPSettings(BaseModel):
         for name in tasks:
             if not name or name.startswith("__"):
                 raise ValueError(f"task name {name!r} is reserved or empty")
+            # the name is echoed in the x-routenlp-task header: printable ASCII, no spaces
+            if not all("!" <= ch <= "~" for ch in name):
+                raise ValueError(f"task name {name!r} must be printable ASCII without spaces "
+                                 "(it is sent in the x-routenlp-task response header)")
         return tasks
 
     def resolve_paths(self, base_dir: Path) -> "RouteNLPSettings":

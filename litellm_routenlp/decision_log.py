@@ -22,6 +22,11 @@ together; it never delays a record to wait for others: the writer does not wait 
 it drains whatever is queued and then blocks, so an idle proxy pays one write + one fsync per request
 as before.  A failed batch fails every caller in it; its records may or may not be in the file (as
 with a failed write/fsync before), and a partial line it left is ended so later records start clean.
+
+Field cap.  Every string in a record is stored with at most :data:`FIELD_LIMIT` characters; a longer
+one keeps its first ``FIELD_LIMIT`` characters followed by the marker ``"…[+N chars cut]"`` (N the
+characters dropped), so a 5 MB prompt costs one ~8 KB line, and a reader can tell a cut field from a
+whole one (:func:`was_cut`).  Strings are cut in the caller's thread, before serialising.
 """
 
 from __future__ import annotations
@@ -38,6 +43,31 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 _STOP = object()  # queued by close(): everything queued before it is committed, then the writer exits
+FIELD_LIMIT = 8192  # characters kept per string field of a record (module docstring)
+CUT_MARKER = "…[+{} chars cut]"
+
+
+def cap_field(text: str, limit: int = FIELD_LIMIT) -> str:
+    """``text`` itself, or its first ``limit`` characters plus the cut marker."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + CUT_MARKER.format(len(text) - limit)
+
+
+def was_cut(text: Any) -> bool:
+    """Did :func:`cap_field` cut this stored string?"""
+    return isinstance(text, str) and text.endswith(" chars cut]") and "…[+" in text[-40:]
+
+
+def cap_strings(value: Any, limit: int = FIELD_LIMIT) -> Any:
+    """A copy of ``value`` (JSON-like) with every string capped by :func:`cap_field`."""
+    if isinstance(value, str):
+        return cap_field(value, limit)
+    if isinstance(value, Mapping):
+        return {key: cap_strings(item, limit) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [cap_strings(item, limit) for item in value]
+    return value
 
 
 class DecisionLogClosed(RuntimeError):
@@ -169,7 +199,7 @@ class DecisionLog:
 
     @staticmethod
     def _line(record: Mapping[str, Any]) -> bytes:
-        return (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
+        return (json.dumps(cap_strings(record), ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
 
     def submit(self, record: Mapping[str, Any]) -> Future:
         """Serialise ``record`` here (so a bad record fails in the caller) and queue it for the writer.

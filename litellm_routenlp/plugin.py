@@ -13,13 +13,26 @@ Hook order for a request to the alias (``routenlp`` by default):
    where the tier's stream is buffered (policy ``buffer``) and the cascade runs, because headers must be
    known before the first byte; ``async_post_call_streaming_iterator_hook`` then replays the answer.
 5. One durable decision record per request (``DecisionLog``), written before the answer is returned.
+
+Nothing the client sends is read back as plugin state.  At the door (``async_pre_call_hook``) every
+``routenlp*`` metadata key and ``routenlp-*`` tag the client sent is removed (:func:`strip_client_plugin_fields`).
+The plugin's own per-request state and the tier pin of its escalation calls carry a seal, an HMAC
+with a secret drawn once per process (``secrets.token_bytes``), over the plugin's request id
+(a fresh uuid4) and, for a pin, the tier: a body cannot produce a valid seal, so a client-set
+``routenlp_escalation_tier`` (or a forged state) is ignored even on a path that skipped the door.
+The record's ``request_id`` is that uuid4; the client's ``x-litellm-call-id`` is kept apart as
+``client_call_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import secrets
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncGenerator, Optional, Sequence
@@ -29,8 +42,9 @@ from litellm.integrations.custom_logger import CustomLogger
 from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
 from .config import RouteNLPSettings, SettingsError, load_settings
 from .decision_log import DecisionLog
-from .pricing import price_usage
-from .request_fields import RequestError, forwarded_params, query_text, resolve_task, validate_request
+from .pricing import call_cost
+from .request_fields import (RequestError, forwarded_params, query_text, resolve_task, strip_client_plugin_fields,
+                             validate_request, write_back_task)
 from .router_model import RouterArtifactError, RouterModel
 from .routing import RoutingDecision, choose_tier, healthy_fallback
 from .streaming import chunks_from_response, collect_stream
@@ -39,8 +53,10 @@ from .uncertainty import response_uncertainty
 
 logger = logging.getLogger("litellm_routenlp")
 
-STATE_KEY = "routenlp"                      # per-request state inside data["metadata"]
-ESCALATION_KEY = "routenlp_escalation_tier"  # pins an escalation call to one tier
+STATE_KEY = "routenlp"                      # per-request state inside data["metadata"] (sealed)
+ESCALATION_KEY = "routenlp_escalation_tier"  # pins an escalation call to one tier (sealed marker)
+REQUEST_ID_KEY = "routenlp_request_id"      # the plugin's id of a request, in its spend_logs_metadata
+PARENT_REQUEST_KEY = "routenlp_parent_request_id"  # on an escalation call: the plugin id of its request
 # Only these parent metadata keys travel with an escalation call (never auth objects or budgets).
 ESCALATION_METADATA_WHITELIST = ("user_api_key", "user_api_key_alias", "user_api_key_hash",
                                  "user_api_key_team_id", "user_api_key_user_id", "user_api_key_org_id",
@@ -101,6 +117,32 @@ class RouteNLPCallback(CustomLogger):
         encoder = router.encoder if router is not None else None
         self._router_offload = encoder is not None and encoder.meta.get("kind") != "static"
         self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
+        self._secret = secrets.token_bytes(32)  # seals plugin state; never leaves the process
+
+    # ------------------------------------------------------------------ seals
+    def _seal(self, *parts: Any) -> str:
+        message = "|".join(str(part) for part in parts).encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def _sealed(self, value: Any, *parts: Any) -> bool:
+        return isinstance(value, str) and hmac.compare_digest(value, self._seal(*parts))
+
+    def _new_state(self, decision: RoutingDecision, data: dict, **extra: Any) -> dict[str, Any]:
+        request_id = str(uuid.uuid4())
+        return {"request_id": request_id, "seal": self._seal("state", request_id),
+                "client_call_id": data.get("litellm_call_id"), "decision": decision.to_dict(),
+                "started": time.time(), **extra}
+
+    def _pinned_tier(self, metadata: dict[str, Any]) -> Optional[int]:
+        """The tier of one of the plugin's own escalation calls; None for anything else."""
+        marker = metadata.get(ESCALATION_KEY)
+        if not isinstance(marker, dict):
+            return None
+        tier, parent = marker.get("tier"), marker.get("request_id")
+        if isinstance(tier, int) and not isinstance(tier, bool) and \
+                self._sealed(marker.get("seal"), "escalation", parent, tier):
+            return tier
+        return None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -154,23 +196,32 @@ class RouteNLPCallback(CustomLogger):
         return model == self.settings.model_alias
 
     def decide(self, messages: Any, metadata: dict[str, Any]) -> RoutingDecision:
-        """Resolve the task and run the router (no health information yet)."""
+        """Resolve the task and run the router (no health information yet).
+
+        The encoder cuts the query by characters before tokenising it (``encoder.CHARS_PER_TOKEN``),
+        so a 5 MB prompt costs what a 4 KB one does here."""
         task, status = resolve_task(metadata, self.settings)
         started = time.perf_counter()
         if self.router is None or (status != "known" and self.settings.unknown_task_policy == "top_tier"):
             probabilities = [0.0] * (self.tiers.count - 1) + [1.0]
         else:
             text = query_text(messages)
+            encoder = self.router.encoder
+            if encoder is not None:  # the same cut the encoder makes; no 5 MB string goes further
+                text = text[:encoder.max_chars]
             probabilities = [float(p) for p in self.router.predict_proba([text], [task or ""])[0]]
         return RoutingDecision(task=task, task_status=status, probabilities=probabilities,
                                router_ms=(time.perf_counter() - started) * 1000.0)
 
     def _state(self, data: Optional[dict]) -> Optional[dict[str, Any]]:
+        """This request's state, if the plugin wrote it (its seal checks out); else None."""
         if not isinstance(data, dict):
             return None
-        metadata = data.get("metadata")
-        if isinstance(metadata, dict) and isinstance(metadata.get(STATE_KEY), dict):
-            return metadata[STATE_KEY]
+        for holder in ("metadata", "litellm_metadata"):
+            metadata = data.get(holder)
+            state = metadata.get(STATE_KEY) if isinstance(metadata, dict) else None
+            if isinstance(state, dict) and self._sealed(state.get("seal"), "state", state.get("request_id")):
+                return state
         return None
 
     async def _healthy_tiers(self, task: Optional[str]) -> list[int]:
@@ -194,6 +245,12 @@ class RouteNLPCallback(CustomLogger):
 
     # ------------------------------------------------------------------ 1. pre-call (proxy)
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # every request, whatever its model: a routenlp* key or routenlp-* tag is the plugin's to write
+        removed = strip_client_plugin_fields(data)
+        if removed:
+            logger.info("RouteNLP: dropped client-sent plugin fields %s", removed[:10])
         if not self._is_ours(data.get("model")):
             return data
         try:
@@ -210,12 +267,14 @@ class RouteNLPCallback(CustomLogger):
 
             # ProxyException maps 1:1 to the OpenAI error body, `param` included
             raise ProxyException(message=str(error), type="invalid_request_error", param=error.param, code=400)
-        metadata[STATE_KEY] = {
-            "decision": decision.to_dict(),
-            "client_logprobs": bool(data.get("logprobs")),
-            "started": time.time(),
-            "budget_remaining_usd": remaining_budget(user_api_key_dict),
-        }
+        if decision.task_status == "known" and decision.task:
+            write_back_task(data, decision.task)  # the tiers read the one normalised name
+        state = self._new_state(decision, data, client_logprobs=data.get("logprobs") is True,
+                                budget_remaining_usd=remaining_budget(user_api_key_dict))
+        metadata[STATE_KEY] = state
+        spend = metadata.get("spend_logs_metadata")
+        metadata["spend_logs_metadata"] = {**(spend if isinstance(spend, dict) else {}),
+                                           REQUEST_ID_KEY: state["request_id"]}
         data["logprobs"] = True
         return data
 
@@ -234,15 +293,15 @@ class RouteNLPCallback(CustomLogger):
         if failed:
             healthy_deployments = [d for d in healthy_deployments
                                    if (d.get("model_info") or {}).get("id") not in failed]
-        pinned = metadata.get(ESCALATION_KEY)
-        if isinstance(pinned, int):
+        pinned = self._pinned_tier(metadata)
+        if pinned is not None:
             return [d for d in healthy_deployments if TierTable.tier_of(d) == pinned]
-        state = metadata.get(STATE_KEY)
-        if isinstance(state, dict) and "decision" in state:
+        state = self._state({"metadata": metadata})
+        if state is not None:
             decision = RoutingDecision.from_dict(state["decision"])
-        else:  # litellm.Router used directly (no proxy pre-call hook)
+        else:  # litellm.Router used directly (no proxy pre-call hook): whatever state it carries is not ours
             decision = self.decide(messages, metadata)
-            state = {"decision": decision.to_dict(), "started": time.time()}
+            state = self._new_state(decision, kwargs)
             metadata[STATE_KEY] = state
         by_tier: dict[int, list] = {}
         for deployment in healthy_deployments:
@@ -293,36 +352,44 @@ class RouteNLPCallback(CustomLogger):
         tier = self._deployment_part(model_id, "model_info").get("routenlp_tier")
         return (tier if isinstance(tier, int) else None), model_id
 
-    @staticmethod
-    def _cost_of(response: Any) -> float:
+    def _cost_of(self, response: Any, model_id: Optional[str], usage: Any = None) -> float:
+        """LiteLLM's price of the call, or (stream: it says 0.0) the price of its usage."""
         hidden = getattr(response, "_hidden_params", None) or {}
-        cost = hidden.get("response_cost")
-        try:
-            return float(cost) if cost is not None else 0.0
-        except (TypeError, ValueError):
-            return 0.0
+        usage = usage if usage is not None else getattr(response, "usage", None)
+        params = self._litellm_params(model_id) if model_id is not None else {}
+        return call_cost(hidden.get("response_cost"), usage, params)
 
-    def _answer(self, response: Any, latency_ms: float, fallback_tier: Optional[int]) -> TierAnswer:
+    def _answer(self, response: Any, latency_ms: float, fallback_tier: Optional[int],
+                usage: Any = None) -> TierAnswer:
         tier, model_id = self._tier_of_response(response)
         return TierAnswer(tier=tier or fallback_tier or self.tiers.count, response=response,
-                          uncertainty=response_uncertainty(response), cost_usd=self._cost_of(response),
+                          uncertainty=response_uncertainty(response), cost_usd=self._cost_of(response, model_id, usage),
                           latency_ms=latency_ms, model_id=model_id)
 
     async def _escalate(self, data: dict, state: dict, tier: int, previous: TierAnswer) -> TierAnswer:
         """Re-ask the same question at ``tier`` through the proxy's router, linked to the parent call."""
         parent = data.get("metadata") or {}
         metadata = {key: parent[key] for key in ESCALATION_METADATA_WHITELIST if key in parent}
-        metadata[ESCALATION_KEY] = tier
+        request_id = state["request_id"]
+        metadata[ESCALATION_KEY] = {"tier": tier, "request_id": request_id,
+                                    "seal": self._seal("escalation", request_id, tier)}
+        # the call id of this escalation is chosen here and listed in the decision record: coopt.logs
+        # trusts a spend row's parent link only when the record lists the row's call id
+        call_id = str(uuid.uuid4())
+        state.setdefault("escalation_call_ids", {})[str(tier)] = call_id
+        inherited = parent.get("spend_logs_metadata")
         metadata["spend_logs_metadata"] = {
-            **(parent.get("spend_logs_metadata") or {}),
+            **{k: v for k, v in (inherited if isinstance(inherited, dict) else {}).items()
+               if not str(k).startswith("routenlp")},
             "routenlp_parent_call_id": data.get("litellm_call_id"),
+            PARENT_REQUEST_KEY: request_id,
             "routenlp_tier": self.tier_names.get(tier, f"T{tier}"),
             "routenlp_previous_uncertainty": previous.uncertainty,
         }
         started = time.perf_counter()
         response = await self.llm_router.acompletion(
             model=self.settings.model_alias, messages=data["messages"], metadata=metadata,
-            **forwarded_params(data), logprobs=True, stream=False)
+            litellm_call_id=call_id, **forwarded_params(data), logprobs=True, stream=False)
         return self._answer(response, (time.perf_counter() - started) * 1000.0, tier)
 
     async def _cascade(self, data: dict, state: dict, first: TierAnswer) -> CascadeResult:
@@ -336,11 +403,13 @@ class RouteNLPCallback(CustomLogger):
             max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy,
             budget_usd=remaining)
 
-    async def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool) -> None:
+    async def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool,
+                      cost_known: bool = True) -> None:
         """Remember the outcome for the headers hook and write the durable decision record.
 
         The record is on disk (fsync'd) before the answer leaves; the fsync runs in a worker thread
-        so the event loop keeps serving other requests meanwhile."""
+        so the event loop keeps serving other requests meanwhile.  Every string field is capped by
+        the log (``decision_log.FIELD_LIMIT``, with a cut marker)."""
         decision = state["decision"]
         logging_off = _message_logging_off(data)
         if logging_off:  # provider errors may quote the prompt: keep only the exception type
@@ -351,12 +420,18 @@ class RouteNLPCallback(CustomLogger):
             "final_tier": result.final.tier,
             "path": result.path,
             "uncertainties": [a.uncertainty for a in result.attempts if a.error is None],
-            "total_cost_usd": result.total_cost_usd,
+            "total_cost_usd": result.total_cost_usd if cost_known else None,
             "escalation_error": result.escalation_error,
             "escalation_skipped": result.escalation_skipped,
         }
+        attempts = result.attempts_as_dicts()
+        escalation_calls = state.get("escalation_call_ids") or {}
+        for index, attempt in enumerate(attempts):  # each tier's call id: the links coopt.logs trusts
+            attempt["call_id"] = state.get("client_call_id") if index == 0 else \
+                escalation_calls.get(str(attempt.get("tier")))
         record: dict[str, Any] = {
-            "request_id": data.get("litellm_call_id"),
+            "request_id": state.setdefault("request_id", str(uuid.uuid4())),
+            "client_call_id": state.get("client_call_id"),
             "ts": datetime.now(timezone.utc).isoformat(),
             "task": decision.get("task"),
             "task_status": decision.get("task_status"),
@@ -368,7 +443,7 @@ class RouteNLPCallback(CustomLogger):
                 "healthy_tiers": [self.tier_names.get(t) for t in decision.get("healthy_tiers", [])],
                 "router_ms": decision.get("router_ms"),
             },
-            "attempts": result.attempts_as_dicts(),
+            "attempts": attempts,
             "final_tier": self.tier_names.get(result.final.tier),
             "total_cost_usd": result.total_cost_usd,
             "total_latency_ms": (time.time() - state.get("started", time.time())) * 1000.0,
@@ -380,6 +455,7 @@ class RouteNLPCallback(CustomLogger):
         if not logging_off:
             record["prompt"] = query_text(data.get("messages"))
         await self.decision_log.append_async(record)
+        state["recorded"] = True
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         state = self._state(data)
@@ -409,15 +485,27 @@ class RouteNLPCallback(CustomLogger):
         outcome = state.get("result")
         if not outcome:
             return None
+        try:
+            return self._headers(state, outcome)
+        except Exception:  # a header must never turn an answered (and recorded) request into a 500
+            logger.exception("RouteNLP: building response headers failed")
+            return {"x-routenlp-request-id": state["request_id"]}
+
+    def _headers(self, state: dict, outcome: dict) -> dict[str, str]:
+        """``x-routenlp-*`` headers; every value is printable latin-1 (:func:`header_value`)."""
+        decision = state["decision"]
         names = [self.tier_names.get(t, f"T{t}") for t in outcome["path"]]
+        # only a configured task name goes into a header (config.py checks they are header-safe)
+        task = decision.get("task") if decision.get("task_status") == "known" else None
         headers = {
+            "x-routenlp-request-id": state["request_id"],
             "x-routenlp-tier": self.tier_names.get(outcome["final_tier"], str(outcome["final_tier"])),
             "x-routenlp-path": ",".join(names),
             "x-routenlp-uncertainty": ",".join("-" if u is None else f"{u:.4f}" for u in outcome["uncertainties"]),
-            "x-routenlp-total-cost": f"{outcome['total_cost_usd']:.8f}",
-            "x-routenlp-task": str(state["decision"].get("task") or "-"),
+            "x-routenlp-task": task if task in self.settings.tasks else "-",
         }
-        decision = state["decision"]
+        if outcome.get("total_cost_usd") is not None:  # a passthrough stream's cost is known at its end
+            headers["x-routenlp-total-cost"] = f"{outcome['total_cost_usd']:.8f}"
         wanted, served = decision.get("wanted_tier"), decision.get("tier")
         if wanted and served and wanted != served:
             headers["x-routenlp-degraded"] = (f"{self.tier_names.get(wanted, wanted)} unavailable; "
@@ -425,34 +513,29 @@ class RouteNLPCallback(CustomLogger):
         if outcome.get("escalation_skipped"):
             headers["x-routenlp-escalation"] = f"skipped: {outcome['escalation_skipped']}"
         if outcome.get("escalation_error"):
-            headers["x-routenlp-escalation"] = f"failed; previous answer returned ({outcome['escalation_error']})"[:500]
+            headers["x-routenlp-escalation"] = f"failed; previous answer returned ({outcome['escalation_error']})"
         if outcome.get("streaming_cascade") == "off":
             headers["x-routenlp-cascade"] = "off (streaming)"
-        return headers
+        return {name: header_value(value) for name, value in headers.items()}
 
     async def _buffer_stream(self, data: dict, state: dict, stream: Any) -> None:
         decision = state["decision"]
-        task = decision.get("task")
+        task = decision.get("task") if decision.get("task_status") == "known" else None
         task_settings = self.settings.tasks.get(task) if task else None
         policy = task_settings.cascade_streaming if task_settings else "off"
         if policy == "off":
+            # passthrough: the stream goes out as it comes; its record (with the cost of its usage) is
+            # written when it ends, in async_post_call_streaming_iterator_hook
             routed = decision.get("tier") or self.tiers.count
-            first = TierAnswer(tier=routed, response=None, uncertainty=None, cost_usd=0.0, latency_ms=0.0)
-            result = CascadeResult(final=first)
-            result.attempts.append(Attempt(
-                tier=routed, tier_name=self.tier_names.get(routed, f"T{routed}"), model_id=None,
-                uncertainty=None, threshold=None, cost_usd=0.0, latency_ms=0.0))
-            await self._finish(data, state, result, streamed=True)
-            state["result"]["streaming_cascade"] = "off"
+            state["passthrough"] = True
+            state["result"] = {"final_tier": routed, "path": [routed], "uncertainties": [None],
+                               "total_cost_usd": None, "escalation_error": None, "escalation_skipped": None,
+                               "streaming_cascade": "off"}
             return
         started = time.perf_counter()
         buffered = await collect_stream(stream)
-        first = self._answer(buffered.response, (time.perf_counter() - started) * 1000.0, decision.get("tier"))
-        if buffered.cost_usd is not None:
-            first.cost_usd = buffered.cost_usd
-        elif first.model_id is not None:
-            priced = price_usage(self._litellm_params(first.model_id), buffered.usage)
-            first.cost_usd = priced if priced is not None else first.cost_usd
+        first = self._answer(buffered.response, (time.perf_counter() - started) * 1000.0, decision.get("tier"),
+                             usage=buffered.usage)
         result = await self._cascade(data, state, first)
         await self._finish(data, state, result, streamed=True)
         if result.final is first:
@@ -461,9 +544,7 @@ class RouteNLPCallback(CustomLogger):
             state["replay"] = chunks_from_response(result.final.response)
         if not state.get("client_logprobs"):
             for chunk in state["replay"]:
-                for choice in getattr(chunk, "choices", None) or []:
-                    if hasattr(choice, "logprobs"):
-                        choice.logprobs = None
+                strip_logprobs(chunk)
 
     async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any, response: Any,
                                                       request_data: dict) -> AsyncGenerator[Any, None]:
@@ -472,28 +553,91 @@ class RouteNLPCallback(CustomLogger):
             for chunk in state["replay"]:
                 yield chunk
             return
-        async for chunk in response:
+        if state is None or not state.get("passthrough"):
+            async for chunk in response:
+                yield chunk
+            return
+        async for chunk in self._passthrough(request_data, state, response):
             yield chunk
+
+    async def _passthrough(self, data: dict, state: dict, stream: Any) -> AsyncGenerator[Any, None]:
+        """A stream that is not cascaded: logprobs the client did not ask for are removed, and the
+        record (priced from the stream's usage) is written before the last chunk leaves."""
+        started = time.perf_counter()
+        usage, held = None, None
+        hidden: dict[str, Any] = {}
+        async for chunk in stream:
+            if getattr(chunk, "usage", None) is not None:
+                usage = chunk.usage
+            hidden.update(getattr(chunk, "_hidden_params", None) or {})
+            if not state.get("client_logprobs"):
+                strip_logprobs(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        hidden.update(getattr(stream, "_hidden_params", None) or {})
+        routed = state["decision"].get("tier") or self.tiers.count
+        holder = type("Streamed", (), {})()
+        holder._hidden_params = hidden
+        tier, model_id = self._tier_of_response(holder)
+        tier = tier or routed
+        cost = self._cost_of(holder, model_id, usage)
+        first = TierAnswer(tier=tier, response=None, uncertainty=None, cost_usd=cost,
+                           latency_ms=(time.perf_counter() - started) * 1000.0, model_id=model_id)
+        result = CascadeResult(final=first)
+        result.attempts.append(Attempt(tier=tier, tier_name=self.tier_names.get(tier, f"T{tier}"), model_id=model_id,
+                                       uncertainty=None, threshold=None, cost_usd=cost,
+                                       latency_ms=first.latency_ms))
+        await self._finish(data, state, result, streamed=True)
+        state["result"]["streaming_cascade"] = "off"
+        if held is not None:
+            yield held
 
     # ------------------------------------------------------------------ 5. failures are logged too
     async def async_post_call_failure_hook(self, request_data: dict, original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: Optional[str] = None) -> Any:
         state = self._state(request_data)
-        if state is None or "result" in state:
+        if state is None:
+            return None
+        error = (type(original_exception).__name__ if _message_logging_off(request_data)
+                 else f"{type(original_exception).__name__}: {str(original_exception)[:300]}")
+        if state.get("recorded"):
+            # the answer was recorded, then the request failed on its way out: the client did not get it,
+            # so a second record retracts the first (coopt.logs drops a request retracted so)
+            await self.decision_log.append_async({
+                "request_id": state["request_id"], "client_call_id": state.get("client_call_id"),
+                "ts": datetime.now(timezone.utc).isoformat(), "outcome": "failed_after_answer",
+                "attempts": [], "final_tier": None, "error": error})
             return None
         record = {
-            "request_id": request_data.get("litellm_call_id"),
+            "request_id": state["request_id"],
+            "client_call_id": state.get("client_call_id"),
             "ts": datetime.now(timezone.utc).isoformat(),
             "task": state["decision"].get("task"),
             "router": {"probabilities": state["decision"].get("probabilities"),
                        "routed_tier": self.tier_names.get(state["decision"].get("tier") or 0)},
             "attempts": [],
             "final_tier": None,
-            "error": (type(original_exception).__name__ if _message_logging_off(request_data)
-                      else f"{type(original_exception).__name__}: {str(original_exception)[:300]}"),
+            "error": error,
         }
         await self.decision_log.append_async(record)
+        state["recorded"] = True
         return None
+
+
+def header_value(value: Any, limit: int = 500) -> str:
+    """A string a response header can carry: printable latin-1 only (anything else -> ``?``), at most
+    ``limit`` characters.  Starlette encodes header values as latin-1 and h11 refuses CR/LF/NUL, so an
+    unchecked value turns an answered request into a 500 or a dropped connection."""
+    text = str(value)[:limit]
+    return "".join(ch if (" " <= ch <= "~") or ("\xa0" <= ch <= "\xff") else "?" for ch in text)
+
+
+def strip_logprobs(chunk: Any) -> None:
+    """Remove the logprobs the plugin forced on from a chunk or response (the client did not ask)."""
+    for choice in getattr(chunk, "choices", None) or []:
+        if getattr(choice, "logprobs", None) is not None:
+            choice.logprobs = None
 
 
 def redact_error(error: Optional[str]) -> Optional[str]:

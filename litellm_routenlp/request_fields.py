@@ -28,6 +28,12 @@ class RequestError(ValueError):
         self.param = param
 
 
+# Holders of request metadata a client can fill (directly, or through LiteLLM's copies of it).
+METADATA_HOLDERS = ("metadata", "litellm_metadata")
+NESTED_HOLDERS = ("requester_metadata", "spend_logs_metadata")
+PLUGIN_PREFIX = "routenlp"       # the plugin's namespace for metadata keys and ("routenlp-") tags
+
+
 def _task_value(metadata: Mapping[str, Any]) -> Any:
     if "task" in metadata:
         return metadata["task"]
@@ -37,8 +43,23 @@ def _task_value(metadata: Mapping[str, Any]) -> Any:
     return None
 
 
+def normalise_task_name(value: str) -> str:
+    """THE one normalisation of a client's task name: surrounding whitespace (and CR/LF/tabs) removed.
+
+    Nothing else is folded: ``"bank\u200bing77"`` is not ``banking77``.  Applied once, at the door
+    (:func:`resolve_task`); the plugin writes the result back into the request so the tiers see the
+    same name."""
+    return value.strip()
+
+
 def resolve_task(metadata: Mapping[str, Any], settings: RouteNLPSettings) -> tuple[Optional[str], str]:
-    """Return (task, status) with status known/unknown/missing, applying the configured policy."""
+    """Return (task, status) with status known/unknown/missing, applying the configured policy.
+
+    The normalised name is matched against the configured tasks before it goes anywhere.  Any other
+    name -- whatever characters it holds (non-latin-1, control characters, CR/LF/NUL, bidi or
+    zero-width marks) -- is an *unknown* task: routed with the task-agnostic embedding, never put in a
+    response header (``x-routenlp-task: -``), or refused with a 400 naming ``metadata.task`` under
+    ``unknown_task_policy: reject`` / ``require_task``."""
     value = _task_value(metadata or {})
     if value is None:
         if settings.require_task or settings.unknown_task_policy == "reject":
@@ -47,13 +68,59 @@ def resolve_task(metadata: Mapping[str, Any], settings: RouteNLPSettings) -> tup
         return None, "missing"
     if not isinstance(value, str) or not value.strip():
         raise RequestError("metadata.task must be a non-empty string", param="metadata.task")
-    task = value.strip()
+    task = normalise_task_name(value)
     if task in settings.tasks:
         return task, "known"
     if settings.require_task or settings.unknown_task_policy == "reject":
-        raise RequestError(f"unknown task {task!r}; configured tasks: " + ", ".join(sorted(settings.tasks)),
+        shown = ascii(task[:80])  # ascii(): control and bidi characters are shown escaped, not rendered
+        raise RequestError(f"unknown task {shown}; configured tasks: " + ", ".join(sorted(settings.tasks)),
                            param="metadata.task")
     return task, "unknown"
+
+
+def write_back_task(data: dict[str, Any], task: str) -> None:
+    """Put the normalised configured name wherever the client's task was, so every tier reads it."""
+    for holder_name in METADATA_HOLDERS:
+        holder = data.get(holder_name)
+        if not isinstance(holder, dict):
+            continue
+        for target in (holder, holder.get("requester_metadata")):
+            if isinstance(target, dict) and isinstance(target.get("task"), str):
+                target["task"] = task
+
+
+def strip_client_plugin_fields(data: dict[str, Any]) -> list[str]:
+    """Remove every ``routenlp*`` metadata key and ``routenlp-*`` tag a client sent; return what went.
+
+    Run at the door (the pre-call hook), before the plugin writes its own: afterwards every
+    ``routenlp*`` key in the request, and so in its spend-log row, was written by the plugin.  Covers
+    the body's ``metadata`` / ``litellm_metadata``, LiteLLM's copies (``requester_metadata``),
+    ``spend_logs_metadata`` (also filled from the ``x-litellm-spend-logs-metadata`` header) and
+    ``tags`` (also filled from ``x-litellm-tags`` and key metadata)."""
+    removed: list[str] = []
+
+    def clean(holder: Any, where: str, depth: int) -> None:
+        if not isinstance(holder, dict):
+            return
+        for key in [k for k in holder if isinstance(k, str) and k.lower().startswith(PLUGIN_PREFIX)]:
+            del holder[key]
+            removed.append(f"{where}.{key}")
+        tags = holder.get("tags")
+        if isinstance(tags, list):
+            kept = [t for t in tags if not (isinstance(t, str) and t.strip().lower().startswith(PLUGIN_PREFIX + "-"))]
+            if len(kept) != len(tags):
+                removed.append(f"{where}.tags")
+                holder["tags"] = kept
+        if depth < 2:
+            for nested in NESTED_HOLDERS:
+                clean(holder.get(nested), f"{where}.{nested}", depth + 1)
+
+    tags = data.get("tags")
+    if isinstance(tags, list):
+        data["tags"] = [t for t in tags if not (isinstance(t, str) and t.strip().lower().startswith(PLUGIN_PREFIX + "-"))]
+    for name in (*METADATA_HOLDERS, *NESTED_HOLDERS):
+        clean(data.get(name), name, 0)
+    return removed
 
 
 def _content_text(content: Any) -> str:
@@ -86,9 +153,14 @@ def validate_request(data: Mapping[str, Any]) -> None:
     if not query_text(messages).strip():
         raise RequestError("the last user message must contain text", param="messages")
     n = data.get("n")
-    if n is not None and n != 1:
-        raise RequestError("n > 1 is not supported by the routenlp model (the cascade judges one answer)",
-                           param="n")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise RequestError(f"`n` must be an integer (1), got {n!r} of type {type(n).__name__}", param="n")
+        if n < 1:
+            raise RequestError(f"`n` must be at least 1, got {n!r}", param="n")
+        if n > 1:
+            raise RequestError(f"n > 1 is not supported by the routenlp model (the cascade judges one answer), "
+                               f"got {n!r}", param="n")
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise RequestError("metadata must be an object", param="metadata")

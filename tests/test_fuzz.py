@@ -22,8 +22,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from litellm_routenlp.decision_log import read_decisions
+from litellm_routenlp.decision_log import read_decisions, was_cut
 from litellm_routenlp.proxy_process import ProxyProcess
+from litellm_routenlp.request_fields import normalise_task_name
 
 pytestmark = pytest.mark.proxy
 
@@ -136,6 +137,33 @@ def user_content(draw, text: str):
     return parts
 
 
+# Issue 11, classes 4 and 6: what a task name can hold that a header cannot, and padding.
+WHITESPACE = st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\u3000", "\xa0", "\x0b", "\u2028"])
+INVISIBLE = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u200e", "\u200f",
+                             *[chr(c) for c in range(0x202a, 0x202f)], *[chr(c) for c in range(0x2066, 0x206a)]])
+CONTROL = st.sampled_from(["\r", "\n", "\x00", "\x07", "\x1b", "\x7f", "\r\nX-Evil: 1", "\x85"])
+NON_LATIN1 = st.text(st.characters(min_codepoint=0x100, max_codepoint=0x10ffff, blacklist_categories=("Cs",)),
+                     min_size=1, max_size=6)
+
+
+@st.composite
+def padded(draw, task: str):
+    """A configured task name with whitespace around it: the same task (one normalisation)."""
+    return draw(WHITESPACE) * draw(st.integers(0, 2)) + task + draw(WHITESPACE) * draw(st.integers(1, 2))
+
+
+@st.composite
+def unsafe_task_name(draw):
+    """A name that is not a configured task once normalised: non-latin-1, control, bidi/zero-width."""
+    base = draw(st.sampled_from([*TASKS, "", "task"]))
+    odd = draw(st.one_of(NON_LATIN1, CONTROL, INVISIBLE))
+    at = draw(st.integers(0, len(base)))
+    name = base[:at] + odd + base[at:]
+    if draw(st.booleans()):
+        name = draw(padded(name))
+    return name
+
+
 @st.composite
 def valid_request(draw, texts):
     task = draw(st.sampled_from(TASKS))
@@ -156,7 +184,7 @@ def valid_request(draw, texts):
                      {"role": "assistant", "content": draw(st.sampled_from(["ok", "Sure.", "card_arrival"]))}]
     messages.append({"role": "user", "content": draw(user_content(text))})
     payload = {"model": "routenlp", "messages": messages, "max_tokens": draw(st.integers(1, 8)),
-               "metadata": {"task": task}}
+               "metadata": {"task": draw(padded(task)) if draw(st.integers(0, 5)) == 0 else task}}
     for key, strategy in (("temperature", st.floats(0, 2)), ("top_p", st.floats(0.01, 1)), ("seed", st.integers(0, 99)),
                           ("user", st.text(max_size=10)), ("logprobs", st.booleans()), ("n", st.just(1)),
                           ("stop", st.lists(st.text(min_size=1, max_size=3), max_size=2)),
@@ -235,7 +263,13 @@ def _task_unknown(p, draw):
     return "metadata.task"
 
 
-HARD_DEFECTS = {"messages": _no_messages, "no_text": _no_text, "n": _n, "tools": _tools, "metadata": _metadata,
+def _task_unsafe(p, draw):
+    name = draw(unsafe_task_name().filter(lambda t: t.strip() and normalise_task_name(t) not in TASKS))
+    p["metadata"]["task"] = name
+    return "metadata.task"
+
+
+HARD_DEFECTS = {"task_unsafe": _task_unsafe, "messages": _no_messages, "no_text": _no_text, "n": _n, "tools": _tools, "metadata": _metadata,
                 "task_type": _task_type, "task_unknown": _task_unknown}
 
 
@@ -313,6 +347,7 @@ def _check_example(http, payload, hard, soft):
     elif not soft:
         assert status == 200, f"a valid request failed ({status}) for {describe}: {text[:300]}"
         assert headers.get("x-routenlp-tier") in {"T1", "T2", "T3", "T4"}, headers
+        assert headers.get("x-routenlp-task") == normalise_task_name(payload["metadata"]["task"]), headers
         if payload.get("stream") is not True:
             content = parsed["choices"][0]["message"]["content"]
             assert isinstance(content, str), parsed
@@ -398,8 +433,30 @@ def test_enormous_message_is_truncated_by_the_router_and_served(http, proxy, tex
     status, parsed, body, headers = send(http, {"model": "routenlp", "messages": [{"role": "user", "content": text}],
                                                 "metadata": {"task": "banking77"}, "max_tokens": 4})
     assert status == 200, body[:300]
-    record = {r["request_id"]: r for r in read_decisions(proxy.decision_log)}[headers["x-litellm-call-id"]]
+    record = {r["request_id"]: r for r in read_decisions(proxy.decision_log)}[headers["x-routenlp-request-id"]]
     assert record["router"]["router_ms"] < 1000, record["router"]
+
+
+@settings(FUZZ, max_examples=max(3, int(10 * SCALE)))
+@given(data=st.data())
+def test_prompt_sizes_up_to_5mb_are_served_quickly_and_recorded_capped(http, proxy, texts, data):
+    """Issue 11, class 5: the router cuts by characters before tokenising, the record caps each field."""
+    size = data.draw(st.one_of(st.integers(1_000, 100_000), st.integers(100_000, 5_000_000),
+                               st.just(5_000_000)), label="chars")
+    filler = data.draw(st.sampled_from(["card declined ", "état 数据 🙂 ", "x" * 31 + " ", "\u200b\u202e"]))
+    text = texts["banking77"][0] + " " + (filler * (size // len(filler) + 1))[:size]
+    task = data.draw(st.one_of(st.just("banking77"), padded("banking77")), label="task")
+    import time as clock
+
+    started = clock.perf_counter()
+    status, parsed, body, headers = send(http, {"model": "routenlp", "messages": [{"role": "user", "content": text}],
+                                                "metadata": {"task": task}, "max_tokens": 2})
+    seconds = clock.perf_counter() - started
+    assert status == 200, body[:300]
+    assert seconds < 30, f"{len(text)} chars took {seconds:.1f} s"
+    record = {r["request_id"]: r for r in read_decisions(proxy.decision_log)}[headers["x-routenlp-request-id"]]
+    assert record["router"]["router_ms"] < 500, record["router"]
+    assert len(record["prompt"]) <= 8192 + 40 and (was_cut(record["prompt"]) == (len(text) > 8192))
 
 
 def test_at_least_1000_generated_requests_reached_the_proxy(proxy):

@@ -82,7 +82,8 @@ def ask(client, text, task=None, **kwargs):
 
 
 def records_by_id(proxy):
-    return {record["request_id"]: record for record in read_decisions(proxy.decision_log)}
+    # keyed by the call id LiteLLM echoes in x-litellm-call-id (the record's own id is the plugin's)
+    return {record.get("client_call_id") or record["request_id"]: record for record in read_decisions(proxy.decision_log)}
 
 
 def parse_path(headers):
@@ -216,6 +217,6 @@ def test_decision_log_is_readable_while_running_and_intact_after_kill_9(client, 
     assert set(acknowledged) <= set(records_by_id(proxy))  # readable while the proxy runs
     proxy.stop(sig=signal.SIGKILL)
     records = list(read_decisions(proxy.decision_log, strict=True))  # no torn line
-    ids = {record["request_id"] for record in records}
+    ids = {record.get("client_call_id") or record["request_id"] for record in records}
     assert set(acknowledged) <= ids
-    assert all(record.get("final_tier") for record in records if record["request_id"] in acknowledged)
+    assert all(record.get("final_tier") for record in records if record.get("client_call_id") in acknowledged)

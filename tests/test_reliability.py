@@ -219,7 +219,8 @@ def ask(proxy, payload: dict, timeout: float = 120) -> tuple[int, dict, dict]:
 
 
 def records_by_id(proxy) -> dict[str, dict]:
-    return {r["request_id"]: r for r in read_decisions(proxy.decision_log, strict=True)}
+    # keyed by the call id LiteLLM echoes in x-litellm-call-id (the record's own id is the plugin's)
+    return {r.get("client_call_id") or r["request_id"]: r for r in read_decisions(proxy.decision_log, strict=True)}
 
 
 def path_of(headers: dict) -> list[str]:
@@ -414,7 +415,7 @@ def test_decision_log_survives_kill_9_under_load(proxy, queries):
     assert len(acknowledged) >= 30, f"only {len(acknowledged)} requests were answered before the kill"
     assert cut_off, "the kill should have cut some requests off (it happened under load)"
     records = list(read_decisions(proxy.decision_log, strict=True))  # raises on a torn/corrupt line
-    by_id = {r["request_id"]: r for r in records}
+    by_id = {r.get("client_call_id") or r["request_id"]: r for r in records}
     missing = [call_id for call_id in acknowledged if call_id not in by_id]
     assert not missing, f"{len(missing)} acknowledged requests have no decision record"
     for call_id in acknowledged:
