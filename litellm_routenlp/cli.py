@@ -582,8 +582,6 @@ def _ops_report(args: argparse.Namespace) -> dict:
     records, scan = load_requests(args.decisions or [], since=since, until=until,
                                   spend_logs_json=args.spend_logs_json or [], config=args.config,
                                   progress=False if args.no_progress else None)
-    for warning in scan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     document = None
     if args.thresholds and Path(args.thresholds).is_file():
         try:
@@ -595,6 +593,8 @@ def _ops_report(args: argparse.Namespace) -> dict:
         baseline = Baseline(thresholds_baseline(document), f"{args.thresholds} (calibration)")
     targets = {**quality_targets(document), **parse_targets(args.target or [])}
     verdicts = read_verdicts(args.verdicts, scan.warnings) if args.verdicts else None
+    for warning in scan.warnings:  # corrupt log / verdict lines: named, skipped, the rest read
+        print(f"warning: {warning}", file=sys.stderr)
     tiers = tier_names_by_model_id(args.config) if args.config and Path(args.config).is_file() else {}
     top = max(tiers.values(), key=lambda name: int(name.lstrip("T"))) if tiers else None
     return build_report(records, scan, since=since, until=until, verdicts=verdicts, baseline=baseline,
