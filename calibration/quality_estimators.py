@@ -1,10 +1,11 @@
 """Fit the post-answer quality estimators (issue 14 item 2) offline, on calibration rows.
 
-:func:`fit_posterior` fits one L2-regularised logistic regression (scikit-learn's
-``LogisticRegression``: maintained, exact ``predict_proba`` we can reproduce with a dot product) per
-(task, answered set S, target tier j) on the features of
-:func:`litellm_routenlp.quality_estimates.features`, standardised by ``StandardScaler``; the scaler
-is folded into the stored weights so serving is numpy only.  Isotonic regression was considered
+:func:`fit_posterior` fits one L2-regularised logistic regression per (task, answered set S,
+target tier j) on the features of :func:`litellm_routenlp.quality_estimates.features`,
+standardised, with logit(ex-ante) as an offset so that the penalty shrinks the cell towards the
+ex-ante estimate (:class:`OffsetLogistic`; without the offset it is scikit-learn's liblinear L2
+logistic, which the tests check it against).  Standardisation is folded into the stored weights so
+serving is numpy only.  Isotonic regression was considered
 and not used: it calibrates one score, and these cells combine several signals (ex-ante logit, u,
 agreement); the logistic model stays calibrated on held-out rows (see benchmarks/posterior_quality.py).
 
@@ -30,7 +31,7 @@ from litellm_routenlp.quality_estimates import (LOGIT_CLIP, POOLED, AnswerSignal
 
 MIN_ROWS = 40
 MIN_PER_CLASS = 8
-CS_DEFAULT = (0.1, 1.0)  # inverse L2 strengths tried per cell
+CS_DEFAULT = (0.03, 0.3, 3.0)  # inverse L2 strengths tried per cell (C * sum of log-losses + |theta|^2 / 2)
 N_FOLDS = 3
 RULE = ("per (answered set S, tier j): a pooled cell (all tasks) is fitted when the rows have >= min_rows and "
         ">= min_per_class of each class, and kept only if its out-of-fold log-loss beats the ex-ante estimate; "
@@ -45,17 +46,62 @@ def all_sets(n_tiers: int, max_size: Optional[int] = None) -> list[tuple[int, ..
     return [combo for size in range(1, top + 1) for combo in combinations(range(1, n_tiers + 1), size)]
 
 
-def _fit_cell(X: np.ndarray, y: np.ndarray, C: float, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+class OffsetLogistic:
+    """L2 logistic regression on standardised features, shrunk towards the ex-ante estimate.
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))  # L2: the default
-    model.fit(X, y)
-    scaler, logistic = model[0], model[1]
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    weights = logistic.coef_[0] / scale
-    bias = float(logistic.intercept_[0] - np.sum(logistic.coef_[0] * scaler.mean_ / scale))
+    z = logit(ex-ante) + w . standardise(x) + b, minimising  C * sum(log-loss) + (|w|^2 + b^2) / 2.
+    WHY not plain ``LogisticRegression``: its unpenalised intercept moves every cell to the
+    calibration rows' acceptance rate, which on a few hundred rows is noisier than the router's
+    estimate from the (larger) training split; here, with no evidence, the cell *is* the ex-ante
+    estimate (column 0 of the features is logit(ex-ante), used as the offset).  With
+    ``offset=False`` this is exactly scikit-learn's liblinear L2 logistic with a penalised intercept
+    (``intercept_scaling=1``) after ``StandardScaler``; tests/test_quality_estimates.py checks that.
+    Solved with scipy's L-BFGS (analytic gradient).
+    """
+
+    def __init__(self, C: float = 1.0, offset: bool = True) -> None:
+        self.C, self.offset = float(C), offset
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "OffsetLogistic":
+        from scipy.optimize import minimize
+
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        self.mean_ = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.scale_ = np.where(std > 1e-12, std, 1.0)
+        Z = np.hstack([(X - self.mean_) / self.scale_, np.ones((len(X), 1))])
+        base = X[:, 0] if self.offset else np.zeros(len(X))
+
+        def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            z = base + Z @ theta
+            # log(1 + e^z) - y z, stably
+            loss = np.sum(np.logaddexp(0.0, z) - y * z)
+            gradient = Z.T @ (1.0 / (1.0 + np.exp(-z)) - y)
+            return self.C * loss + 0.5 * theta @ theta, self.C * gradient + theta
+
+        result = minimize(objective, np.zeros(Z.shape[1]), jac=True, method="L-BFGS-B",
+                          options={"maxiter": 1000, "gtol": 1e-10})
+        self.coef_, self.intercept_ = result.x[:-1], float(result.x[-1])
+        return self
+
+    def folded(self) -> tuple[np.ndarray, float]:
+        """(weights, bias) on the raw features: what the serving cell stores."""
+        weights = self.coef_ / self.scale_
+        if self.offset:
+            weights = weights.copy()
+            weights[0] += 1.0
+        return weights, float(self.intercept_ - np.sum(self.coef_ * self.mean_ / self.scale_))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        z = (X[:, 0] if self.offset else 0.0) + ((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+        p = 1.0 / (1.0 + np.exp(-z))
+        return np.stack([1.0 - p, p], axis=1)
+
+
+def _fit_cell(X: np.ndarray, y: np.ndarray, C: float, seed: int):
+    model = OffsetLogistic(C=C).fit(X, y)
+    weights, bias = model.folded()
     return model, weights, bias
 
 
@@ -151,7 +197,7 @@ def fit_posterior_models(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: 
             pooled_C = min(Cs, key=lambda C: _logloss(pooled_oof[C], y))
             pooled_wins = _logloss(pooled_oof[pooled_C], y) < _logloss(ex, y)
             store(POOLED, answered, j, Xj, y, pooled_C if pooled_wins else None, pooled_fill)
-            for task in task_names:
+            for task in task_names if len(task_names) > 1 else ():  # one task: its rows are the pooled rows
                 mask = task_array == task
                 if not _enough(y[mask], min_rows, min_per_class):
                     continue  # too few rows to choose for this task: the pooled cell (or ex-ante) serves it

@@ -86,7 +86,7 @@ def test_noise_signals_do_not_make_the_estimate_worse():
             assert loss < 0.01, (answered, j, loss)
 
 
-def test_predictions_match_sklearn_predict_proba(fitted):
+def test_predictions_match_the_fitted_models_predict_proba(fitted):
     estimator, models = fitted
     tasks, ex_ante, _, uncertainty, outputs = simulate(200, seed=2)
     checked = 0
@@ -105,6 +105,29 @@ def test_predictions_match_sklearn_predict_proba(fitted):
                 assert post[j - 1] == pytest.approx(expected, abs=1e-9)
                 checked += 1
     assert checked >= 7 * 12 * 3 * 0.8
+
+
+def test_offset_logistic_is_sklearn_liblinear_without_the_offset():
+    """The cell solver, offset off, reproduces sklearn's L2 logistic with a penalised intercept."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from calibration.quality_estimators import OffsetLogistic
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(400, 5)) * [1, 2, 0.5, 3, 1] + [0, 1, -1, 2, 0]
+    y = (rng.random(400) < 1 / (1 + np.exp(-(X[:, 0] - 0.5 * X[:, 1] + 0.3)))).astype(int)
+    for C in (0.03, 0.3, 3.0):
+        ours = OffsetLogistic(C=C, offset=False).fit(X, y)
+        reference = make_pipeline(StandardScaler(), LogisticRegression(
+            C=C, solver="liblinear", intercept_scaling=1.0, tol=1e-10, max_iter=10000)).fit(X, y)
+        np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=1e-5)
+        weights, bias = ours.folded()
+        np.testing.assert_allclose(1 / (1 + np.exp(-(X @ weights + bias))), reference.predict_proba(X)[:, 1], atol=1e-5)
+    # with the offset and no data to speak of, the cell stays at the ex-ante estimate
+    tiny = OffsetLogistic(C=1e-6).fit(X, y)
+    np.testing.assert_allclose(tiny.predict_proba(X)[:, 1], 1 / (1 + np.exp(-X[:, 0])), atol=1e-4)
 
 
 def test_json_round_trip_keeps_every_prediction(fitted, tmp_path):
