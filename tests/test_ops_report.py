@@ -261,3 +261,26 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert near(image, (192, 57, 43)) > 300      # the all-T4 line (#c0392b) of the spend plot
     assert near(image, (36, 113, 163)) > 300     # the spend line (#2471a3)
     assert near(image, (68, 1, 84), 50) > 5000   # the T1 band of the tier-share bars (viridis)
+
+
+# ----------------------------------------------------------------------------------- LiteLLM spend logs
+
+from test_coopt_logs import _as_spend_logs_json, spend_rows  # noqa: E402,F401  (rows built by LiteLLM itself)
+
+
+def test_report_from_litellm_spend_logs_alone(spend_rows, tmp_path):  # noqa: F811
+    """GET /spend/logs rows (LiteLLM's own get_logging_payload, as in test_coopt_logs) joined by coopt.logs."""
+    path = tmp_path / "spend_logs.json"
+    path.write_text(json.dumps(_as_spend_logs_json(spend_rows, metadata_as_string=False)))
+    out = tmp_path / "report.json"
+    assert main(["report", "--spend-logs-json", str(path), "--config", str(ROOT / "proxy_config.yaml"),
+                 *NO_THRESHOLDS, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["top_tier"] == "T4"                              # from the proxy config, not the rows
+    assert report["totals"]["requests"] == 3 and report["totals"]["escalated_requests"] == 2
+    assert report["totals"]["spend_usd"] == pytest.approx(sum(float(row["spend"]) for row in spend_rows))
+    esc = report["escalation"]
+    assert (esc["banking77"]["T1"]["escalated"], esc["banking77"]["T1"]["n"]) == (1, 2)
+    assert (esc["clinc150"]["T1"]["rate"], esc["clinc150"]["T3"]["rate"]) == (1.0, 1.0)
+    assert report["tasks"]["banking77"]["tier_shares"] == pytest.approx({"T1": 0.5, "T4": 0.5})
+    assert report["router_latency"]["n"] == 0                      # spend rows carry no router latency
