@@ -215,7 +215,7 @@ def test_audited_quality_below_target_fires_and_at_target_does_not(tmp_path, cap
     captured = capsys.readouterr()
     assert captured.out.strip() == "ok" and f"{verdicts}:201: corrupt verdict" in captured.err
     assert f"{verdicts}:202: verdict needs `request_id`" in captured.err
-    write_verdicts(170, 200)                    # 85%: upper bound ~89.4% < 95%
+    write_verdicts(170, 200)                    # 85%: upper bound 89.3% < 95%
     assert main(["check", "--decisions", str(log), "--thresholds", str(thresholds), "--verdicts", str(verdicts)]) == 1
     assert capsys.readouterr().out.startswith("ALERT audited_quality task=banking77: audited acceptable 85.0% (170/200")
     # a target given on the command line wins over the file's
