@@ -355,3 +355,61 @@ def test_n_errors_say_what_was_wrong(http, n, says):
     assert status == 400, text[:300]
     message = parsed["error"]["message"]
     assert says in message and repr(n) in message, message
+
+
+# ------------------------------------------------------------------------------------------ no proxy
+@pytest.mark.parametrize("value", UNSAFE_TASKS + ["T3: APIError: quoted prompt \u202e\U0001f642\r\n"])
+def test_header_values_are_printable_latin1_whatever_goes_in(value):
+    from litellm_routenlp.plugin import header_value
+
+    out = header_value(value)
+    out.encode("latin-1")  # Starlette's encoding: must not raise
+    assert not any(ch in out for ch in "\r\n\x00") and all(" " <= ch <= "~" or "\xa0" <= ch <= "\xff" for ch in out)
+
+
+def test_a_request_that_failed_after_its_answer_was_recorded_is_not_read_as_served(tmp_path):
+    """The plugin's failure hook retracts a success record when the request then failed on its way out."""
+    from coopt.logs import read_decision_log
+    from litellm_routenlp.decision_log import DecisionLog
+
+    attempt = {"tier": 1, "tier_name": "T1", "model_id": "routenlp-t1", "uncertainty": 0.1, "threshold": 0.5,
+               "cost_usd": 1e-4, "latency_ms": 1.0, "escalated": False, "error": None, "call_id": "c1"}
+    log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
+    log.append({"request_id": "r1", "client_call_id": "c1", "task": "banking77", "attempts": [attempt]})
+    log.append({"request_id": "r2", "client_call_id": "c1", "task": "banking77", "attempts": [attempt]})
+    log.append({"request_id": "r1", "client_call_id": "c1", "outcome": "failed_after_answer", "attempts": [],
+                "error": "RuntimeError"})
+    log.close()
+    assert [r.request_id for r in read_decision_log(tmp_path / "d.jsonl")] == ["r2"]
+
+
+def test_reader_keeps_legacy_links_it_can_check_and_drops_the_rest(tmp_path):
+    """Old logs (request_id = LiteLLM call id, no call ids in attempts) still read; a forged legacy link
+    to a tier the parent never escalated to is not trusted."""
+    from coopt.logs import join_spend_logs, read_decision_log
+    from litellm_routenlp.decision_log import DecisionLog
+
+    def attempt(tier, escalated):
+        return {"tier": tier, "tier_name": f"T{tier}", "model_id": f"routenlp-t{tier}", "uncertainty": 0.5,
+                "threshold": 0.3, "cost_usd": 1e-3, "latency_ms": 1.0, "escalated": escalated, "error": None}
+
+    log = DecisionLog(tmp_path / "old.jsonl", fsync=False)
+    log.append({"request_id": "call-a", "task": "banking77", "attempts": [attempt(1, True), attempt(3, False)]})
+    log.close()
+    decisions = read_decision_log(tmp_path / "old.jsonl")
+
+    def row(call_id, model_id, extra=None):
+        return {"request_id": f"resp-{call_id}", "litellm_call_id": call_id, "model_id": model_id,
+                "model_group": "routenlp", "spend": 0.001, "startTime": "2026-01-01T00:00:00",
+                "metadata": {"spend_logs_metadata": extra or {}}}
+
+    rows = [row("call-a", "routenlp-t1"),
+            row("esc-1", "routenlp-t3", {"routenlp_parent_call_id": "call-a", "routenlp_tier": "T3",
+                                         "routenlp_previous_uncertainty": 0.5}),
+            row("call-x", "routenlp-t4", {"routenlp_parent_call_id": "call-a", "routenlp_tier": "T4"})]
+    tiers = {"routenlp-t1": "T1", "routenlp-t3": "T3", "routenlp-t4": "T4"}
+    joined = {r.request_id: r for r in join_spend_logs(rows, tiers, decisions=decisions)}
+    assert joined["call-a"].path == ["T1", "T3"]
+    assert joined["call-x"].path == ["T4"] and not joined["call-x"].escalated
+    unverified = {r.request_id: r for r in join_spend_logs(rows, tiers)}  # no decision log: taken as written
+    assert unverified["call-a"].path == ["T1", "T3", "T4"]

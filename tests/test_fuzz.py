@@ -322,7 +322,7 @@ def fuzzed_request(draw, texts, hard_weight: int):
         for name in draw(st.lists(st.sampled_from(sorted(HARD_DEFECTS)), min_size=1, max_size=2, unique=True)):
             if name == "no_text" and not (isinstance(payload.get("messages"), list) and payload["messages"]):
                 continue
-            if not isinstance(payload.get("metadata"), dict) and name in ("task_type", "task_unknown"):
+            if not isinstance(payload.get("metadata"), dict) and name in ("task_type", "task_unknown", "task_unsafe"):
                 continue
             hard.append(HARD_DEFECTS[name](payload, draw))
     if draw(st.integers(0, 4)) == 0:
