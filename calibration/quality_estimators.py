@@ -15,7 +15,9 @@ what it replaces: a pooled cell (every task's rows; the task enters through the 
 fitted when the rows have >= ``min_rows`` and >= ``min_per_class`` of each class, and kept only if
 it beats the ex-ante estimate; a task gets its own cell (logistic, or the identity = ex-ante) when
 that has a lower out-of-fold log-loss on the task's rows than what the task gets otherwise (the
-pooled cell, else the ex-ante estimate); the L2 strength comes from ``Cs`` by the same criterion.
+pooled cell, else the ex-ante estimate); "lower" means by more than one standard error of the
+per-row difference (so noise-fitting cells are not kept); the L2 strength is the ``Cs`` value
+with the lowest out-of-fold log-loss.
 With no cell, the tier keeps its ex-ante estimate.
 """
 
@@ -34,10 +36,11 @@ MIN_PER_CLASS = 8
 CS_DEFAULT = (0.03, 0.3, 3.0)  # inverse L2 strengths tried per cell (C * sum of log-losses + |theta|^2 / 2)
 N_FOLDS = 3
 RULE = ("per (answered set S, tier j): a pooled cell (all tasks) is fitted when the rows have >= min_rows and "
-        ">= min_per_class of each class, and kept only if its out-of-fold log-loss beats the ex-ante estimate; "
-        "a task gets its own cell (logistic, or the identity = ex-ante) when that choice has a lower out-of-fold "
-        "log-loss on the task's rows than what the task would get otherwise (pooled cell, else ex-ante); a task "
-        "model needs the same row counts within the task. No cell: the ex-ante estimate.")
+        ">= min_per_class of each class, and kept only if its out-of-fold log-loss beats the ex-ante estimate by "
+        "more than one standard error; a task gets its own cell (logistic, or the identity = ex-ante) when that "
+        "choice beats, by more than one standard error of out-of-fold log-loss on the task's rows, what the task "
+        "would get otherwise (pooled cell, else ex-ante); a task cell needs the same row counts within the task. "
+        "No cell: the ex-ante estimate.")
 
 
 def all_sets(n_tiers: int, max_size: Optional[int] = None) -> list[tuple[int, ...]]:
@@ -122,6 +125,22 @@ def _filled(X: np.ndarray, fill: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(X), fill[None, :], X)
 
 
+def _row_losses(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _clearly_better(candidate: np.ndarray, baseline: np.ndarray, y: np.ndarray) -> bool:
+    """One-standard-error rule: the candidate's out-of-fold log-loss is lower by more than one SE.
+
+    WHY: choosing on the calibration rows alone favours fitting their own noise (a cell that only
+    re-estimates the acceptance rate from ~200 rows loses to the router's estimate on new rows).
+    """
+    difference = _row_losses(candidate, y) - _row_losses(baseline, y)
+    se = difference.std(ddof=1) / np.sqrt(len(difference)) if len(difference) > 1 else np.inf
+    return bool(difference.mean() + se < 0.0)
+
+
 def _logloss(p: np.ndarray, y: np.ndarray) -> float:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
@@ -195,7 +214,7 @@ def fit_posterior_models(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: 
             Xj = _filled(X[:, j - 1], pooled_fill)
             pooled_oof = {C: _out_of_fold(Xj, y, folds, n_folds, C, seed) for C in Cs}
             pooled_C = min(Cs, key=lambda C: _logloss(pooled_oof[C], y))
-            pooled_wins = _logloss(pooled_oof[pooled_C], y) < _logloss(ex, y)
+            pooled_wins = _clearly_better(pooled_oof[pooled_C], ex, y)
             store(POOLED, answered, j, Xj, y, pooled_C if pooled_wins else None, pooled_fill)
             for task in task_names if len(task_names) > 1 else ():  # one task: its rows are the pooled rows
                 mask = task_array == task
@@ -205,11 +224,11 @@ def fit_posterior_models(tasks: Sequence[str], ex_ante: np.ndarray, acceptable: 
                 Xt = _filled(X[mask, j - 1], task_fill)
                 # what this task's rows get without a cell of their own
                 fallback = pooled_oof[pooled_C][mask] if pooled_wins else ex[mask]
-                options: dict[Optional[float], float] = {None: _logloss(ex[mask], y[mask])}
+                predictions: dict[Optional[float], np.ndarray] = {None: ex[mask]}
                 for C in Cs:
-                    options[C] = _logloss(_out_of_fold(Xt, y[mask], folds[mask], n_folds, C, seed), y[mask])
-                best = min(options, key=lambda C: options[C])
-                if options[best] < _logloss(fallback, y[mask]):
+                    predictions[C] = _out_of_fold(Xt, y[mask], folds[mask], n_folds, C, seed)
+                best = min(predictions, key=lambda C: _logloss(predictions[C], y[mask]))
+                if _clearly_better(predictions[best], fallback, y[mask]):
                     store(task, answered, j, Xt, y[mask], best, task_fill)
     info = {"fitted_by": "calibration.quality_estimators.fit_posterior", "n_rows": int(n), "Cs": list(Cs),
             "n_folds": n_folds, "min_rows": min_rows, "min_per_class": min_per_class, "cells": counts,
