@@ -265,20 +265,35 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
 
 # ----------------------------------------------------------------------------------- LiteLLM spend logs
 
-from test_coopt_logs import _as_spend_logs_json, spend_rows  # noqa: E402,F401  (rows built by LiteLLM itself)
+SPEND_ROWS = """
+import json, sys
+sys.path.insert(0, "tests")
+import test_coopt_logs as t
+rows = t.spend_rows.__wrapped__()   # the fixture's body: real litellm.Router calls -> get_logging_payload
+json.dump(t._as_spend_logs_json(rows, metadata_as_string=False), open(sys.argv[1], "w"))
+"""
 
 
-def test_report_from_litellm_spend_logs_alone(spend_rows, tmp_path):  # noqa: F811
-    """GET /spend/logs rows (LiteLLM's own get_logging_payload, as in test_coopt_logs) joined by coopt.logs."""
+def test_report_from_litellm_spend_logs_alone(tmp_path):
+    """GET /spend/logs rows built by LiteLLM itself (test_coopt_logs' ``spend_rows``), joined by coopt.logs.
+
+    The rows are made in a child process: run a second time in one process (after test_coopt_logs'
+    own run) the fixture body captures no rows (LiteLLM keeps state from the first run)."""
+    import sys
+
     path = tmp_path / "spend_logs.json"
-    path.write_text(json.dumps(_as_spend_logs_json(spend_rows, metadata_as_string=False)))
+    made = subprocess.run([sys.executable, "-c", SPEND_ROWS, str(path)], cwd=ROOT, timeout=240,
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    rows = json.loads(path.read_text())
+    assert len(rows) == 6
     out = tmp_path / "report.json"
     assert main(["report", "--spend-logs-json", str(path), "--config", str(ROOT / "proxy_config.yaml"),
                  *NO_THRESHOLDS, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["top_tier"] == "T4"                              # from the proxy config, not the rows
     assert report["totals"]["requests"] == 3 and report["totals"]["escalated_requests"] == 2
-    assert report["totals"]["spend_usd"] == pytest.approx(sum(float(row["spend"]) for row in spend_rows))
+    assert report["totals"]["spend_usd"] == pytest.approx(sum(float(row["spend"]) for row in rows))
     esc = report["escalation"]
     assert (esc["banking77"]["T1"]["escalated"], esc["banking77"]["T1"]["n"]) == (1, 2)
     assert (esc["clinc150"]["T1"]["rate"], esc["clinc150"]["T3"]["rate"]) == (1.0, 1.0)
