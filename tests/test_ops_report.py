@@ -299,3 +299,10 @@ def test_report_from_litellm_spend_logs_alone(tmp_path):
     assert (esc["clinc150"]["T1"]["rate"], esc["clinc150"]["T3"]["rate"]) == (1.0, 1.0)
     assert report["tasks"]["banking77"]["tier_shares"] == pytest.approx({"T1": 0.5, "T4": 0.5})
     assert report["router_latency"]["n"] == 0                      # spend rows carry no router latency
+
+
+def test_large_logs_get_a_progress_bar(small_log, capsys):
+    load_requests([small_log], progress=True)          # what a log over PROGRESS_MIN_BYTES gets
+    assert f"reading {small_log.name}" in capsys.readouterr().err
+    load_requests([small_log])                         # a small log: no bar
+    assert "reading" not in capsys.readouterr().err
