@@ -72,11 +72,23 @@ def parse_when(text: Optional[str], now: Optional[datetime] = None) -> Optional[
     match = _RELATIVE.match(text)
     if match:
         return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    iso = text.strip()
+    iso = iso[:-1] + "+00:00" if iso.endswith(("Z", "z")) else iso   # Python 3.10's fromisoformat lacks "Z"
     try:
-        when = datetime.fromisoformat(text.strip())
+        when = datetime.fromisoformat(iso)
     except ValueError:
         raise ValueError(f"time {text!r}: expected ISO 8601 (2026-12-01T10:00Z) or relative like 24h, 30m, 7d") from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def parse_window(since: Optional[str], until: Optional[str],
+                 now: Optional[datetime] = None) -> tuple[Optional[datetime], Optional[datetime]]:
+    """``--since`` / ``--until`` against one ``now``; an empty window is an error, not an empty report."""
+    now = now or datetime.now(timezone.utc)
+    start, end = parse_when(since, now), parse_when(until, now)
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"--since {since} ({start.isoformat()}) is not before --until {until} ({end.isoformat()})")
+    return start, end
 
 
 def _ts(value: Any) -> Optional[datetime]:

@@ -575,10 +575,10 @@ def _ops_report(args: argparse.Namespace) -> dict:
     import json
 
     from coopt.logs import tier_names_by_model_id
-    from coopt.ops_report import (build_report, load_baseline, load_requests, parse_targets, parse_when,
+    from coopt.ops_report import (build_report, load_baseline, load_requests, parse_targets, parse_window,
                                   quality_targets, read_verdicts, thresholds_baseline, Baseline)
 
-    since, until = parse_when(args.since), parse_when(args.until)
+    since, until = parse_window(args.since, args.until)
     records, scan = load_requests(args.decisions or [], since=since, until=until,
                                   spend_logs_json=args.spend_logs_json or [], config=args.config,
                                   progress=False if args.no_progress else None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopt.ops_report import build_report, load_requests, parse_when, render_html, wilson
+from coopt.ops_report import build_report, load_requests, parse_when, parse_window, render_html, wilson
 from litellm_routenlp.cascade import Attempt
 from litellm_routenlp.cli import main
 
@@ -127,6 +127,9 @@ def test_window_parsing():
     assert parse_when("2026-12-01T10:00+02:00", now).utcoffset() == timedelta(hours=2)
     with pytest.raises(ValueError, match="relative like 24h"):
         parse_when("yesterday", now)
+    assert parse_when("2026-12-01T10:00Z", now) == datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    with pytest.raises(ValueError, match="is not before --until"):
+        parse_window("1h", "2h", now)
 
 
 def test_recorded_proxy_log_figures_match_an_independent_pass():
