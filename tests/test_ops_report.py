@@ -229,14 +229,19 @@ def test_audited_quality_below_target_fires_and_at_target_does_not(tmp_path, cap
 # ----------------------------------------------------------------------------------- HTML in Chromium
 
 
-def screenshot(page: Path, png: Path, profile: Path) -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found: the HTML report test renders the page in real headless Chromium; "
+def screenshot(page: Path, png: Path, profile: Path, chromium: str = CHROMIUM) -> None:
+    if not Path(chromium).is_file():
+        pytest.fail(f"{chromium} not found: the HTML report test renders the page in real headless Chromium; "
                     "install it with `apt-get install -y chromium` (.ci/run does this)")
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1200,1600",
                     page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+
+
+def test_missing_chromium_fails_and_says_how_to_get_it(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        screenshot(tmp_path / "x.html", tmp_path / "x.png", tmp_path, chromium=str(tmp_path / "no-chromium"))
 
 
 def near(image: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40) -> int:
