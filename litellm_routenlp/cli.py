@@ -150,7 +150,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          systems=[s.strip() for s in args.systems.split(",")] if args.systems else None,
                          queue=queue, bootstrap=args.bootstrap, sweeps=not args.no_sweeps,
                          encoder_dir=Path(args.encoder), cache_path=Path(args.cache) if args.cache else None,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, certify_baselines=args.certify_baselines)
     if args.dataset:
         results = bench_shared(args.dataset, Path(args.out), config)
         for name in results:
@@ -238,8 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", choices=["exponential", "empirical"], default="exponential")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
     p.add_argument("--no-sweeps", action="store_true", help="skip RouteNLP's alpha/tau/delta sweeps and shift test")
-    p.add_argument("--encoder", default="artifacts/encoder",
-                   help="encoder of the learned systems' embeddings (artifacts/encoder-static: the served router's)")
+    p.add_argument("--encoder", default="artifacts/encoder-static",
+                   help="encoder of the learned systems' embeddings (default: the static encoder the proxy serves; "
+                        "artifacts/encoder: MiniLM)")
+    p.add_argument("--certify-baselines", action="store_true",
+                   help="choose every baseline's knob by Learn-then-Test (WSR, delta 0.1), as RouteNLP's lambda")
     p.add_argument("--cache", default=None, help="embedding cache file (default artifacts/cache/bench-embeddings-*)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
@@ -574,9 +577,8 @@ def _add_coopt_parser(sub: argparse._SubParsersAction) -> None:
 def _ops_report(args: argparse.Namespace) -> dict:
     import json
 
-    from coopt.logs import tier_names_by_model_id
     from coopt.ops_report import (build_report, load_baseline, load_requests, parse_targets, parse_window,
-                                  quality_targets, read_verdicts, thresholds_baseline, Baseline)
+                                  quality_targets, read_verdicts, thresholds_baseline, top_tier_deployment, Baseline)
 
     since, until = parse_window(args.since, args.until)
     records, scan = load_requests(args.decisions or [], since=since, until=until,
@@ -595,10 +597,10 @@ def _ops_report(args: argparse.Namespace) -> dict:
     verdicts = read_verdicts(args.verdicts, scan.warnings) if args.verdicts else None
     for warning in scan.warnings:  # corrupt log / verdict lines: named, skipped, the rest read
         print(f"warning: {warning}", file=sys.stderr)
-    tiers = tier_names_by_model_id(args.config) if args.config and Path(args.config).is_file() else {}
-    top = max(tiers.values(), key=lambda name: int(name.lstrip("T"))) if tiers else None
+    top, top_params = (top_tier_deployment(args.config) if args.config and Path(args.config).is_file()
+                       else (None, None))
     return build_report(records, scan, since=since, until=until, verdicts=verdicts, baseline=baseline,
-                        targets=targets, top_tier=top,
+                        targets=targets, top_tier=top, top_params=top_params,
                         sources=[str(p) for p in (args.decisions or []) + (args.spend_logs_json or [])])
 
 

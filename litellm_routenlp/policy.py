@@ -297,13 +297,16 @@ class CascadeRouting:
     name: ClassVar[str]
 
     def __init__(self, tasks: Mapping[str, TaskPolicy], estimator: Any = None, max_hops: int = 3,
-                 no_logprobs_policy: str = "trust_router") -> None:
+                 no_logprobs_policy: str = "trust_router", memo: Optional[dict] = None) -> None:
         if no_logprobs_policy not in NO_LOGPROBS_POLICIES:
             raise PolicyError(f"no_logprobs_policy must be one of {NO_LOGPROBS_POLICIES}, got {no_logprobs_policy!r}")
         self.tasks = dict(tasks)
         self.estimator = estimator
         self.max_hops = int(max_hops)
         self.no_logprobs_policy = no_logprobs_policy
+        #: offline replays over a lambda grid pass a dict: E[max] per (estimates, sigmas) does not
+        #: depend on lambda, so it is computed once per row and state (the proxy passes none)
+        self.memo = memo
 
     # -- estimates
     def estimates(self, task: str, acceptance: Sequence[float], answers: Sequence[PolicyAnswer]) -> np.ndarray:
@@ -319,7 +322,14 @@ class CascadeRouting:
         """Best set of tiers to add (empty: stop), its value and the value of stopping."""
         known = max((float(estimates[t - 1]) for t in tried), default=0.0)
         cands = list(candidates)
-        values = expected_best(known, [estimates[t - 1] for t in cands], [spec.sigmas[t - 1] for t in cands])
+        means, sigmas = [float(estimates[t - 1]) for t in cands], [spec.sigmas[t - 1] for t in cands]
+        if self.memo is None:
+            values = expected_best(known, means, sigmas)
+        else:
+            key = (known, tuple(means), tuple(sigmas))
+            values = self.memo.get(key)
+            if values is None:
+                values = self.memo[key] = expected_best(known, means, sigmas)
         best, best_value, best_cost = (), -math.inf, math.inf
         for index in range(len(values)):
             chosen = tuple(t for bit, t in enumerate(cands) if index >> bit & 1)

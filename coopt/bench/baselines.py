@@ -72,7 +72,7 @@ class _ThresholdRouter(RoutingSystem):
         scorer = RatioScorer(ctx.data, calib)
         candidates = [({"threshold": float(t)}, *scorer.score_single(cheapest_confident(scores, t)))
                       for t in knob_grid(scores)]
-        self.operating_point = {**self.operating_point, **pick(candidates, ctx.target_quality)}
+        self.operating_point = {**self.operating_point, **self.pick(candidates, scorer)}
 
     def learn(self, ctx: FitContext) -> None:
         raise NotImplementedError
@@ -80,6 +80,11 @@ class _ThresholdRouter(RoutingSystem):
     def route(self, rows: np.ndarray) -> Routes:
         tiers = cheapest_confident(self.scores(rows), self.operating_point["threshold"])
         return Routes.single(rows, tiers, self.ctx.data.K)
+
+    def curve(self, rows: np.ndarray) -> list[Routes]:
+        """Routes over the threshold grid (the APGR/CPT curve on 2-tier sets)."""
+        scores = self.scores(rows)
+        return [Routes.single(rows, cheapest_confident(scores, t), self.ctx.data.K) for t in knob_grid(scores)]
 
 
 @register("RouteLLM")
@@ -124,7 +129,7 @@ class KNNRouter(RoutingSystem):
         for k, vote in votes.items():
             for t in knob_grid(vote):
                 candidates.append(({"k": k, "threshold": float(t)}, *scorer.score_single(cheapest_confident(vote, t))))
-        self.operating_point = pick(candidates, ctx.target_quality)
+        self.operating_point = self.pick(candidates, scorer)
 
     def _votes(self, rows: np.ndarray) -> dict[int, np.ndarray]:
         """Acceptability vote share per tier among the k nearest same-task training queries."""
@@ -156,6 +161,10 @@ class KNNRouter(RoutingSystem):
         vote = self._votes(rows)[self.operating_point["k"]]
         return Routes.single(rows, cheapest_confident(vote, self.operating_point["threshold"]), self.ctx.data.K)
 
+    def curve(self, rows: np.ndarray) -> list[Routes]:
+        vote = self._votes(rows)[self.operating_point["k"]]
+        return [Routes.single(rows, cheapest_confident(vote, t), self.ctx.data.K) for t in knob_grid(vote)]
+
 
 def _answer_features(data: Any, rows: np.ndarray, tier: int) -> np.ndarray:
     u = data.uncertainty[rows, tier]
@@ -184,7 +193,7 @@ class FrugalGPT(RoutingSystem):
                     candidates.append(({"tiers": [data.tier_names[k] for k in subset] + [data.tier_names[-1]],
                                         "thresholds": [float(t) for t in thresholds]},
                                        *scorer.score(tried, final)))
-        self.operating_point = pick(candidates, ctx.target_quality)
+        self.operating_point = self.pick(candidates, scorer)
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
         data = self.ctx.data
@@ -242,7 +251,7 @@ class AutoMix(RoutingSystem):
                     self.belief[t, k, b] = (accept[in_bin].sum(axis=0) + 2.0 * prior) / (in_bin.sum() + 2.0)
         scorer = RatioScorer(data, calib)
         candidates = [({"mu": float(mu)}, *scorer.score(*self._policy(calib, mu))) for mu in self.MUS]
-        self.operating_point = pick(candidates, ctx.target_quality)
+        self.operating_point = self.pick(candidates, scorer)
 
     def _bin(self, u: np.ndarray, task: int, tier: int) -> np.ndarray:
         bins = np.searchsorted(self.edges[task, tier], np.where(np.isnan(u), np.inf, u), side="right")
@@ -280,3 +289,6 @@ class AutoMix(RoutingSystem):
     def route(self, rows: np.ndarray) -> Routes:
         tried, final = self._policy(rows, self.operating_point["mu"])
         return Routes(rows=rows, tried=tried, final=final)
+
+    def curve(self, rows: np.ndarray) -> list[Routes]:
+        return [Routes(rows, *self._policy(rows, mu)) for mu in self.MUS]

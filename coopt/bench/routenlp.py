@@ -1,18 +1,23 @@
-"""RouteNLP in the benchmark: the project's own router, calibration and cascade, not a re-implementation.
+"""RouteNLP in the benchmark: the project's own router, policies and calibration, not a re-implementation.
 
-Per seed:
+Two policies of :mod:`litellm_routenlp.policy`, both driven by the same offline replay
+(:func:`calibration.fit_cascade_routing.replay_rows`) and converted to the bench's 0-based
+:class:`Routes` in one place (:func:`to_routes`):
 
-1. **Train** the router on the training rows with :func:`coopt.train_router.train_router` (frozen
-   MiniLM embeddings from the shared cache, the DESIGN loss, seeded), and load the artifact with
-   :class:`litellm_routenlp.router_model.RouterModel` (int8 head, as the proxy serves it by default).
-2. **Route** with :func:`litellm_routenlp.routing.choose_tier` on the router's probabilities: the
-   proxy's decision rule.
-3. **Calibrate** delta[tier][task] on the calibration rows with
-   :func:`calibration.calibrate.calibrate` (rule "risk", the trained router replayed), and load them as
-   a :class:`litellm_routenlp.thresholds.Thresholds`.
-4. **Cascade** every test query with :func:`litellm_routenlp.cascade.run_cascade`, answering each
-   ``ask(tier)`` from the all-pairs row (that tier's recorded uncertainty, cost and latency), with
-   the proxy's ``max_hops`` and ``no_logprobs_policy`` defaults.
+**RouteNLP** (``cascade_routing``, certified).  Per seed: train the router on the training rows
+(:func:`coopt.train_router.train_router`, loaded with :class:`RouterModel` as the proxy serves it);
+its ex-ante acceptance estimates on the calibration rows are out of sample; then
+:func:`calibration.fit_cascade_routing.fit_cascade_routing` cross-fits the posterior estimator on
+the calibration rows and certifies lambda per task (LTT with a WSR bound at delta 0.1, or CRC in
+expectation: ``RouteNLP (CRC)``); the test rows are decided by the fitted policy.
+
+**RouteNLP (paper rule)** (``conformal_thresholds``, the system before issue 14), tuned as before:
+
+1. **Route** with :func:`litellm_routenlp.routing.choose_tier` on the router's probabilities.
+2. **Calibrate** delta[tier][task] on the calibration rows with
+   :func:`calibration.calibrate.calibrate` (rule "risk", the trained router replayed).
+3. **Cascade** every test query through the policy with the proxy's ``max_hops`` and
+   ``no_logprobs_policy`` defaults.
 
 Operating point: ``route_confidence`` and ``alpha`` are chosen on the calibration rows like every
 baseline's knob (cheapest setting reaching the target quality ratio).  Because the thresholds are
@@ -20,15 +25,14 @@ themselves fitted on those rows, each setting is scored by two-fold cross-fittin
 half, replay the other half, and the reverse), so the score is out-of-sample.  The final thresholds
 are then fitted on all calibration rows.
 
-Ablations: ``RouteNLP w/o cascade`` (same router, no thresholds), ``RouteNLP w/o task cond.`` (a
-router trained with every query under one pooled task, so it cannot use the task; the cascade keeps
-its per-task thresholds).  A data set without any uncertainty signal (RouterBench, RouteLLM) has
-nothing to calibrate: the cascade is inert there and says so in the notes.
+Ablations of the paper rule: ``RouteNLP w/o cascade`` (same router, no thresholds), ``RouteNLP w/o
+task cond.`` (a router trained with every query under one pooled task).  A data set without any
+uncertainty signal (RouterBench, RouteLLM) has nothing to calibrate for the paper rule: its cascade
+is inert there and says so in the notes (cascade routing still reads the answers' agreement).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import warnings
@@ -77,6 +81,11 @@ class EmbeddedRouter:
         return self.model.predict_proba_from_embeddings(self.data.embeddings[rows],
                                                         self.task_ids(self.data.task_names[rows].tolist()))
 
+    def acceptance_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Ex-ante P(tier k acceptable) per row (the router's acceptance head)."""
+        return self.model.predict_acceptance_from_embeddings(self.data.embeddings[rows],
+                                                             self.task_ids(self.data.task_names[rows].tolist()))
+
     def predict_proba(self, texts: Sequence[str], tasks: Sequence[str]) -> np.ndarray:
         rows = np.array([self._row_of[text] for text in texts], dtype=np.int64)
         return self.model.predict_proba_from_embeddings(self.data.embeddings[rows], self.task_ids(list(tasks)))
@@ -103,69 +112,55 @@ def pooled_training_set(records: Sequence[AllPairsRecord], portfolio: Portfolio)
     return pooled, Portfolio(tiers=portfolio.tiers, tasks={POOLED_TASK: spec})
 
 
-def replay_cascade(data: Any, rows: np.ndarray, start_tiers: np.ndarray, thresholds: Any,
-                   max_hops: int, no_logprobs_policy: str) -> Routes:
-    """Run the proxy's :func:`run_cascade` on every row, answering from the all-pairs data."""
-    from litellm_routenlp.cascade import TierAnswer, run_cascade
+def to_routes(rows: np.ndarray, kept: np.ndarray, tried: np.ndarray, K: int) -> Routes:
+    """The one place where the policy's 1-based tiers become the bench's 0-based :class:`Routes`."""
+    kept = np.asarray(kept, dtype=np.int64)
+    if kept.size and (kept.min() < 1 or kept.max() > K):
+        raise ValueError(f"kept tiers must be 1-based in 1..{K}")
+    return Routes(rows=rows, tried=np.asarray(tried, dtype=bool), final=kept - 1)
+
+
+def bench_rows(data: Any, rows: np.ndarray, ex_ante: Optional[np.ndarray] = None) -> Any:
+    """The bench rows as the policy replay reads them (:class:`CalibrationRows`)."""
+    from calibration.fit_cascade_routing import CalibrationRows
 
     K = data.K
-    tier_names = {k + 1: name for k, name in enumerate(data.tier_names)}
-    every_tier = list(range(1, K + 1))
-
-    def answer(row: int, tier: int) -> TierAnswer:
-        u = data.uncertainty[row, tier - 1]
-        return TierAnswer(tier=tier, response=None, uncertainty=None if np.isnan(u) else float(u),
-                          cost_usd=float(data.cost[row, tier - 1]), latency_ms=float(data.latency[row, tier - 1]))
-
-    async def one(row: int, start: int) -> list[int]:
-        async def ask(tier: int) -> TierAnswer:
-            return answer(row, tier)
-
-        async def available() -> list[int]:  # the tiers serving this task, as the proxy's eligibility
-            return data.eligible_tiers(row) if hasattr(data, "eligible_tiers") else every_tier
-
-        result = await run_cascade(first=answer(row, start + 1), task=str(data.task_names[row]),
-                                   thresholds=thresholds, tier_names=tier_names, available_tiers=available,
-                                   ask=ask, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy)
-        return [tier - 1 for tier in result.path]
-
-    async def every() -> list[list[int]]:
-        return [await one(int(row), int(start)) for row, start in zip(rows, start_tiers)]
-
-    return Routes.from_paths(rows, asyncio.run(every()), K)
+    available = {task: [k + 1 for k in range(K) if data.served[index, k]] for index, task in enumerate(data.tasks)}
+    outputs = [[data.records[i].tiers[name].output for name in data.tier_names] for i in rows]
+    return CalibrationRows(tasks=data.task_names[rows], ex_ante=ex_ante if ex_ante is not None else np.full((len(rows), K), 0.5),
+                           quality=data.quality[rows], acceptable=data.acceptable[rows],
+                           uncertainty=data.uncertainty[rows], cost=data.cost[rows], outputs=outputs,
+                           available=available)
 
 
-def _thresholds_object(document_thresholds: dict[str, dict[str, dict[str, Any]]], alpha: float) -> Any:
-    from litellm_routenlp.thresholds import Thresholds
+def policy_routes(policy: Any, data: Any, rows: np.ndarray, ex_ante: Optional[np.ndarray] = None,
+                  starts: Optional[np.ndarray] = None, route_probabilities: Optional[np.ndarray] = None) -> Routes:
+    """Decide ``rows`` with ``policy`` on their recorded answers; the bench's Routes."""
+    from calibration.fit_cascade_routing import replay_rows
 
-    deltas = {tier: {task: float(cell["delta"]) for task, cell in cells.items() if cell.get("delta") is not None}
-              for tier, cells in document_thresholds.items()}
-    return Thresholds(deltas={tier: cells for tier, cells in deltas.items() if cells}, alpha=alpha,
-                      source="coopt.bench (calibrated on the calibration split)")
+    kept, tried, _ = replay_rows(policy, bench_rows(data, rows, ex_ante), route_probabilities, starts)
+    return to_routes(rows, kept, tried, data.K)
 
 
-@register("RouteNLP")
-class RouteNLP(RoutingSystem):
-    """The trained task-conditioned router + conformal cascade (see the module docstring)."""
+class _RouterOwner(RoutingSystem):
+    """Systems built on the project's trained router (shared between them within a seed)."""
 
     family = "routenlp"
-    cascade = True
     task_conditioning = True
 
-    def __init__(self, route_confidences: Sequence[float] = ROUTE_CONFIDENCES, alphas: Sequence[float] = ALPHAS,
-                 rule: str = "risk", **settings: Any) -> None:
-        super().__init__(route_confidences=tuple(route_confidences), alphas=tuple(alphas), rule=rule, **settings)
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
         self.defaults = proxy_defaults()
 
-    # -------------------------------------------------------------------------------- training
-    def _router(self, ctx: FitContext) -> EmbeddedRouter:
-        key = f"router:{'task' if self.task_conditioning else 'pooled'}"
+    def _router(self, ctx: FitContext, rows: Optional[np.ndarray] = None, name: Optional[str] = None) -> EmbeddedRouter:
+        """The router trained on ``rows`` (default: the training rows), shared under ``name`` in the seed."""
+        key = name or f"router:{'task' if self.task_conditioning else 'pooled'}"
         if key not in ctx.shared:
             from coopt.train_router import train_router
             from litellm_routenlp.router_model import RouterModel
 
             data = ctx.data
-            records = [data.records[i] for i in ctx.split.train]
+            records = [data.records[i] for i in (ctx.split.train if rows is None else rows)]
             portfolio, task_map = data.portfolio, None
             if not self.task_conditioning:
                 records, portfolio = pooled_training_set(records, portfolio)
@@ -181,13 +176,132 @@ class RouteNLP(RoutingSystem):
             ctx.shared[key] = EmbeddedRouter(model, data, task_map)
             ctx.shared[key + ":report"] = {"val_accuracy": report.val_accuracy,
                                            "majority_baseline_accuracy": report.majority_baseline_accuracy,
-                                           "epochs_run": report.epochs_run, "n_train": report.n_train}
+                                           "epochs_run": report.epochs_run, "n_train": report.n_train,
+                                           "acceptance": model.acceptance_source}
         return ctx.shared[key]
+
+
+#: the guarantee ``RouteNLP`` certifies with by default (chosen from the benchmark: README "Results")
+DEFAULT_GUARANTEE = "ltt"
+
+
+@register("RouteNLP")
+class RouteNLP(_RouterOwner):
+    """The trained router + certified cascade routing (module docstring)."""
+
+    certified = True
+    guarantee = DEFAULT_GUARANTEE
+
+    def __init__(self, delta: float = 0.1, method: str = "wsr", folds: int = 3, **settings: Any) -> None:
+        super().__init__(delta=delta, method=method, folds=folds, **settings)
+
+    def _cross_fit(self, ctx: FitContext) -> dict[str, Any]:
+        """Every labelled row of the seed (train + calibration) used by router and certificate alike.
+
+        The rows are split into folds (by task); fold f's ex-ante estimates come from a router
+        trained on the other folds, and the posterior estimator that decides fold f's rows is
+        fitted on the other folds too (:func:`fit_cascade_routing` with the same folds), so every
+        decision the certificate counts was made by estimators that never saw its row.  The router
+        that serves the test rows is trained on all of them."""
+        from calibration.fit_cascade_routing import assign_folds, out_of_fold_quality, fit_parts
+
+        data = ctx.data
+        pool = np.sort(np.concatenate([ctx.split.train, ctx.split.calib]))
+        fold_of = assign_folds(data.task_names[pool], self.settings["folds"], ctx.seed)
+        ex_ante = np.zeros((len(pool), data.K))
+        for fold in range(int(fold_of.max()) + 1):
+            held = fold_of == fold
+            router = self._router(ctx, pool[~held], name=f"router:fold{fold}")
+            ex_ante[held] = router.acceptance_rows(pool[held])
+        rows = bench_rows(data, pool, ex_ante)
+        oof = out_of_fold_quality(rows, self.lambdas, 0, ctx.seed, int(self.defaults["max_hops"]),
+                                  str(self.defaults["no_logprobs_policy"]), fold_of)
+        return {"pool": pool, "rows": rows, "oof": oof, "final": fit_parts(rows, ctx.seed),
+                "router": self._router(ctx, pool, name="router:pool")}
+
+    @property
+    def lambdas(self) -> tuple[float, ...]:
+        from calibration.fit_cascade_routing import LAMBDA_GRID
+
+        return LAMBDA_GRID
+
+    def fit(self, ctx: FitContext) -> None:
+        from calibration.fit_cascade_routing import fit_cascade_routing
+
+        RoutingSystem.fit(self, ctx)
+        data = ctx.data
+        if "cascade_routing" not in ctx.shared:
+            ctx.shared["cascade_routing"] = self._cross_fit(ctx)
+        shared = ctx.shared["cascade_routing"]
+        self.router = shared["router"]
+        targets = {task: ctx.target_quality for task in data.tasks}
+        fitted = fit_cascade_routing(shared["rows"], targets, guarantee=self.guarantee, delta=self.settings["delta"],
+                                     method=self.settings["method"], lambdas=self.lambdas, seed=ctx.seed,
+                                     max_hops=int(self.defaults["max_hops"]),
+                                     no_logprobs_policy=str(self.defaults["no_logprobs_policy"]),
+                                     oof=shared["oof"], final=shared["final"])
+        self.policy, self.fitted = fitted.policy, fitted
+        tasks = fitted.document["tasks"]
+        self.certified_tasks = {task: bool(entry["certificate"]["certified"]) for task, entry in tasks.items()}
+        quality, cost = shared["oof"]
+        top = shared["rows"].quality[:, -1]
+        self.operating_point = {
+            "policy": "cascade_routing", "guarantee": self.guarantee, "n_certification": int(len(shared["pool"])),
+            "lambda": {task: entry["lambda"] for task, entry in tasks.items()},
+            "certificates": {task: entry["certificate"] for task, entry in tasks.items()},
+            "costs": {task: entry["costs"] for task, entry in tasks.items()},
+            "sigmas": {task: entry["sigmas"] for task, entry in tasks.items()},
+            "out_of_fold": {task: {"lambda": list(self.lambdas),
+                                   "quality_ratio": [round(float(quality[i, m].sum() / max(top[m].sum(), 1e-12)), 4)
+                                                     for i in range(len(self.lambdas))],
+                                   "cost_ratio": [round(float(cost[i, m].sum() / max(shared["rows"].cost[m, -1].sum(), 1e-300)), 4)
+                                                  for i in range(len(self.lambdas))]}
+                            for task in tasks for m in [shared["rows"].tasks == task]},
+            "router": ctx.shared["router:pool:report"]}
+        for task, entry in tasks.items():
+            if not entry["certificate"]["certified"]:
+                self.notes.append(entry["certificate"]["message"])
+
+    def route(self, rows: np.ndarray) -> Routes:
+        return policy_routes(self.policy, self.ctx.data, rows, self.router.acceptance_rows(rows))
+
+    def curve(self, rows: np.ndarray) -> list[Routes]:
+        """Test routes at every lambda of the grid (same estimator): the APGR/CPT curve."""
+        from calibration.fit_cascade_routing import RowCache
+        from litellm_routenlp.policy import CascadeRouting
+
+        ex_ante = self.router.acceptance_rows(rows)
+        out = []
+        cache, memo = RowCache(self.policy.estimator), {}
+        for lam in self.fitted.document["lambda_grid"]:
+            specs = {task: dataclasses.replace(spec, lam=lam) for task, spec in self.policy.tasks.items()}
+            policy = CascadeRouting(specs, cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo=memo)
+            out.append(policy_routes(policy, self.ctx.data, rows, ex_ante))
+        return out
+
+
+@register("RouteNLP (CRC)")
+class RouteNLPCRC(RouteNLP):
+    """Cascade routing certified in expectation (conformal risk control) instead of with probability 1 - delta."""
+
+    guarantee = "crc"
+
+
+@register("RouteNLP (paper rule)")
+class RouteNLPPaperRule(_RouterOwner):
+    """The trained task-conditioned router + conformal cascade (the paper's rule, tuned as before)."""
+
+    cascade = True
+    certified = False
+
+    def __init__(self, route_confidences: Sequence[float] = ROUTE_CONFIDENCES, alphas: Sequence[float] = ALPHAS,
+                 rule: str = "risk", **settings: Any) -> None:
+        super().__init__(route_confidences=tuple(route_confidences), alphas=tuple(alphas), rule=rule, **settings)
 
     # -------------------------------------------------------------------------------- pieces
     def start_tiers(self, probabilities: np.ndarray, route_confidence: float,
                     rows: Optional[np.ndarray] = None) -> np.ndarray:
-        """0-based tier chosen by the proxy's rule for each row of router probabilities, among the
+        """1-based tier chosen by the proxy's rule for each row of router probabilities, among the
         tiers that serve the row's task (all tiers when ``rows`` is not given)."""
         from litellm_routenlp.routing import choose_tier
 
@@ -195,7 +309,7 @@ class RouteNLP(RoutingSystem):
         data = self.ctx.data
         eligible = [every_tier if rows is None else data.eligible_tiers(int(row))
                     for row in (rows if rows is not None else range(len(probabilities)))]
-        return np.array([choose_tier(p, tiers, route_confidence)[0] - 1 for p, tiers in zip(probabilities, eligible)],
+        return np.array([choose_tier(p, tiers, route_confidence)[0] for p, tiers in zip(probabilities, eligible)],
                         dtype=np.int64)
 
     def can_cascade(self) -> bool:
@@ -204,7 +318,7 @@ class RouteNLP(RoutingSystem):
 
     def fit_thresholds(self, rows: np.ndarray, start: np.ndarray, alpha: float,
                        portfolio: Optional[Portfolio] = None) -> Optional[dict]:
-        """delta per tier and task on ``rows`` (start tiers given), or None when it cannot be fitted."""
+        """delta per tier and task on ``rows`` (1-based start tiers given), or None when it cannot be fitted."""
         from calibration.calibrate import fit_thresholds
 
         data = self.ctx.data
@@ -212,7 +326,8 @@ class RouteNLP(RoutingSystem):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return fit_thresholds([data.records[i] for i in rows], portfolio or data.portfolio, start,
-                                      alpha, self.settings["rule"])
+                                      alpha, self.settings["rule"], int(self.defaults["max_hops"]),
+                                      str(self.defaults["no_logprobs_policy"]))
         except ValueError as error:
             self._note(f"calibration failed ({error}); cascade off for this setting")
             return None
@@ -223,15 +338,18 @@ class RouteNLP(RoutingSystem):
 
     def cascade_routes(self, rows: np.ndarray, start: np.ndarray, thresholds_doc: Optional[dict], alpha: float,
                        delta_scale: float = 1.0) -> Routes:
+        from litellm_routenlp.policy import ConformalThresholds
+        from litellm_routenlp.thresholds import Thresholds
+
         thresholds = None
         if thresholds_doc is not None:
             scaled = {tier: {task: {**cell, "delta": None if cell.get("delta") is None else cell["delta"] * delta_scale}
                              for task, cell in cells.items()} for tier, cells in thresholds_doc.items()}
-            thresholds = _thresholds_object(scaled, alpha)
-        if thresholds is None:
-            return Routes.single(rows, start, self.ctx.data.K)
-        return replay_cascade(self.ctx.data, rows, start, thresholds, int(self.defaults["max_hops"]),
-                              str(self.defaults["no_logprobs_policy"]))
+            thresholds = Thresholds.from_cells(scaled, alpha, "coopt.bench (calibrated on the calibration split)")
+        # no thresholds: every answer is kept (the policy never escalates without a delta)
+        policy = ConformalThresholds(thresholds, max_hops=int(self.defaults["max_hops"]),
+                                     no_logprobs_policy=str(self.defaults["no_logprobs_policy"]))
+        return policy_routes(policy, self.ctx.data, rows, starts=start)
 
     def calibrate_on(self, rows: np.ndarray, route_confidence: float, alpha: float,
                      portfolio: Optional[Portfolio] = None) -> Optional[dict]:
@@ -271,7 +389,7 @@ class RouteNLP(RoutingSystem):
             start = self.start_tiers(self.calib_probabilities, route_confidence, calib)
             for alpha in alphas:
                 if alpha is None:
-                    routes = Routes.single(calib, start, data.K)
+                    routes = self.cascade_routes(calib, start, None, alpha)
                 else:
                     tried = np.zeros((len(calib), data.K), dtype=bool)
                     final = np.zeros(len(calib), dtype=np.int64)
@@ -280,13 +398,14 @@ class RouteNLP(RoutingSystem):
                         part = self.cascade_routes(calib[~fit_half], start[~fit_half], doc, alpha)
                         tried[~fit_half], final[~fit_half] = part.tried, part.final
                     routes = Routes(rows=calib, tried=tried, final=final)
-                quality, cost = scorer.score(routes.tried, routes.final)
-                candidates.append(({"route_confidence": route_confidence, "alpha": alpha}, quality, cost))
+                candidates.append(({"route_confidence": route_confidence, "alpha": alpha},
+                                   *scorer.score(routes.tried, routes.final)))
         self.operating_point = pick(candidates, ctx.target_quality)
         self.route_confidence = self.operating_point["route_confidence"]
         self.alpha = self.operating_point["alpha"]
         self.thresholds_doc = (self.calibrate_on(calib, self.route_confidence, self.alpha)
                                if self.alpha is not None else None)
+        self.operating_point["policy"] = "conformal_thresholds"
         self.operating_point["router"] = ctx.shared[f"router:{'task' if self.task_conditioning else 'pooled'}:report"]
         if self.thresholds_doc is not None:
             self.operating_point["thresholds"] = {
@@ -310,11 +429,16 @@ class RouteNLP(RoutingSystem):
         return Portfolio(tiers=portfolio.tiers, tasks=tasks)
 
 
+    def curve(self, rows: np.ndarray) -> list[Routes]:
+        """Test routes over the route-confidence grid at the fitted alpha/thresholds (APGR/CPT curve)."""
+        return [self.route(rows, route_confidence=value) for value in self.settings["route_confidences"]]
+
+
 @register("RouteNLP w/o cascade")
-class RouteNLPNoCascade(RouteNLP):
+class RouteNLPNoCascade(RouteNLPPaperRule):
     cascade = False
 
 
 @register("RouteNLP w/o task cond.")
-class RouteNLPNoTask(RouteNLP):
+class RouteNLPNoTask(RouteNLPPaperRule):
     task_conditioning = False

@@ -10,7 +10,11 @@ user's module so its registrations count.
 Fair tuning, the same for every system that has a knob: each candidate setting is scored on the
 calibration rows, and the cheapest setting whose quality ratio reaches ``ctx.target_quality``
 (0.97 by default) is kept; when none reaches it, the one with the highest quality ratio.  Test rows
-are never looked at before ``route``.
+are never looked at before ``route``.  With ``--certify-baselines`` (``FitContext.certify``) the knob
+is chosen instead by the same Learn-then-Test rule RouteNLP's lambda is: the knob grid ordered safe
+-> cheap (by calibration cost, most expensive first), fixed-sequence testing of the loss
+target * q_top - q with a WSR bound at delta 0.1, the cheapest certified setting kept (the safest one
+when none is certified), so the comparison can be read both ways.
 
 This module holds the interface, the helpers and the fixed reference systems (Always-top,
 Always-T2, Random, Rule-based, Oracle).  RouteNLP lives in :mod:`coopt.bench.routenlp`, the learned
@@ -45,6 +49,10 @@ class FitContext:
     #: systems share (e.g. the trained router, which the RouteNLP ablations reuse)
     test_routes: dict[str, Routes] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
+    #: --certify-baselines: choose every baseline's knob by LTT (see the module docstring)
+    certify: bool = False
+    delta: float = 0.1
+    method: str = "wsr"
 
     @property
     def seed(self) -> int:
@@ -59,6 +67,8 @@ class RoutingSystem:
     family: ClassVar[str] = "baseline"
     #: systems whose test routes must exist before this one is fitted (e.g. Random needs RouteNLP's)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: whether the operating point carries a finite-sample guarantee (set per instance by pick())
+    certified: bool = False
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings
@@ -70,6 +80,15 @@ class RoutingSystem:
 
     def route(self, rows: np.ndarray) -> Routes:
         raise NotImplementedError
+
+    def pick(self, candidates: Sequence[tuple], scorer: Optional["RatioScorer"] = None) -> dict[str, Any]:
+        """:func:`pick` or, under ``ctx.certify``, :func:`pick_certified`; records ``self.certified``."""
+        ctx = self.ctx
+        if ctx.certify and scorer is not None and all(len(c) >= 4 for c in candidates):
+            chosen = pick_certified(candidates, ctx.target_quality, scorer, ctx.delta, ctx.method)
+            self.certified = bool(chosen["certified"])
+            return chosen
+        return pick(candidates, ctx.target_quality)
 
 
 SYSTEMS: dict[str, Callable[..., RoutingSystem]] = {}
@@ -107,22 +126,27 @@ class RatioScorer:
     def _ratio(self, values: np.ndarray, references: list[float]) -> float:
         return float(sum(w * values[m].sum() / r for w, m, r in zip(self.weights, self.masks, references)))
 
-    def score(self, tried: np.ndarray, final: np.ndarray) -> tuple[float, float]:
-        """(quality ratio, cost ratio) of routes given as (n, K) tried and (n,) final."""
+    def score(self, tried: np.ndarray, final: np.ndarray) -> tuple[float, float, np.ndarray]:
+        """(quality ratio, cost ratio, per-row quality) of routes given as (n, K) tried and (n,) final."""
         quality = self.quality[np.arange(len(final)), final]
         cost = (self.cost * tried).sum(axis=1)
-        return self._ratio(quality, self.quality_reference), self._ratio(cost, self.cost_reference)
+        return self._ratio(quality, self.quality_reference), self._ratio(cost, self.cost_reference), quality
 
-    def score_single(self, tiers: np.ndarray) -> tuple[float, float]:
+    def score_single(self, tiers: np.ndarray) -> tuple[float, float, np.ndarray]:
         index = np.arange(len(tiers))
-        return (self._ratio(self.quality[index, tiers], self.quality_reference),
-                self._ratio(self.cost[index, tiers], self.cost_reference))
+        quality = self.quality[index, tiers]
+        return (self._ratio(quality, self.quality_reference),
+                self._ratio(self.cost[index, tiers], self.cost_reference), quality)
+
+    @property
+    def top_quality(self) -> np.ndarray:
+        return self.quality[:, -1]
 
 
-def pick(candidates: Sequence[tuple[dict[str, Any], float, float]], target: float) -> dict[str, Any]:
+def pick(candidates: Sequence[tuple], target: float) -> dict[str, Any]:
     """The cheapest candidate whose quality ratio reaches ``target``; else the best quality one.
 
-    ``candidates`` are (settings, quality ratio, cost ratio) on the calibration rows.  The returned
+    ``candidates`` are (settings, quality ratio, cost ratio[, per-row quality]) on the calibration rows.  The returned
     dict holds the settings plus ``calib_quality_ratio``, ``calib_cost_ratio`` and ``reached_target``.
     """
     if not candidates:
@@ -133,6 +157,26 @@ def pick(candidates: Sequence[tuple[dict[str, Any], float, float]], target: floa
     else:
         best = max(candidates, key=lambda c: (c[1], -c[2]))
     return {**best[0], "calib_quality_ratio": best[1], "calib_cost_ratio": best[2], "reached_target": bool(reaching)}
+
+
+def pick_certified(candidates: Sequence[tuple], target: float, scorer: RatioScorer, delta: float = 0.1,
+                   method: str = "wsr") -> dict[str, Any]:
+    """The knob by Learn-then-Test: candidates ordered safe -> cheap (calibration cost, highest first),
+    fixed-sequence test of E[target * q_top - q] <= 0 on the calibration rows, cheapest certified kept.
+
+    ``candidates`` are (settings, quality ratio, cost ratio, per-row quality).  When no candidate is
+    certified the safest (most expensive) one is kept and ``certified`` is False.
+    """
+    from calibration.certify import ltt_fixed_sequence, quality_loss
+
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i][2], -candidates[i][1]))
+    losses = np.stack([quality_loss(np.asarray(candidates[i][3], dtype=np.float64), scorer.top_quality, target)
+                       for i in order])
+    index, bounds = ltt_fixed_sequence(losses, delta, method, lo=-1.0, hi=float(target), threshold=0.0)
+    chosen = candidates[order[0] if index is None else order[index]]
+    return {**chosen[0], "calib_quality_ratio": chosen[1], "calib_cost_ratio": chosen[2],
+            "reached_target": bool(chosen[1] >= target - 1e-12), "certified": index is not None,
+            "ltt_bound": float(bounds[0 if index is None else index])}
 
 
 def knob_grid(scores: np.ndarray, quantiles: int = 19) -> tuple[float, ...]:
