@@ -16,10 +16,12 @@ extra pass over the raw lines (:func:`scan_decision_log`) collects those and the
 tqdm progress bar on large files.
 
 All-top-tier spend.  Per task, the top tier's observed mean cost per call where it answered in the
-window, times the task's requests ("observed").  A task the top tier never answered in the window
-has no such figure; the decision record stores no token counts, so it cannot be priced from the
-proxy config either: the task is listed as "unknown" and the savings are over the other tasks (the
-output says which tasks were left out).
+window, times the task's requests ("observed").  A task the top tier never answered in the window is
+"priced" instead: the top tier's per-token prices in the proxy config times each request's token
+counts (its first call's ``prompt_tokens`` / ``completion_tokens``), which only LiteLLM's spend-log
+rows record (the decision record has none), so this needs ``--spend-logs-json``; the completion
+tokens are the cheaper tier's, an approximation of the top tier's.  Without either the task is
+"unknown" and the savings are over the other tasks (the output says which, and how each was estimated).
 
 Alerts.  (a) The paper's rule: a (tier, task) escalation rate up more than 10% relative to its
 calibration baseline.  So that noise does not fire it, the rule is applied to the lower end of the
@@ -126,6 +128,7 @@ class RawScan:
     """What the raw pass over a decision log found (module docstring: why a second pass)."""
 
     router_ms: dict[str, float] = field(default_factory=dict)      # request id -> router latency
+    tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # call id -> (prompt, completion), spend rows
     failed: list[dict[str, Any]] = field(default_factory=list)     # requests that got no answer
     warnings: list[LogWarning] = field(default_factory=list)
     lines: int = 0
@@ -323,8 +326,12 @@ def _bucket_width(first: datetime, last: datetime, max_buckets: int = 48) -> tim
 def build_report(records: Sequence[Any], scan: RawScan, *, since: Optional[datetime] = None,
                  until: Optional[datetime] = None, verdicts: Optional[Sequence[Verdict]] = None,
                  baseline: Optional[Baseline] = None, targets: Optional[Mapping[str, float]] = None,
-                 top_tier: Optional[str] = None, sources: Sequence[str] = ()) -> dict[str, Any]:
-    """Every figure of the report, JSON-safe; ``records`` are :class:`coopt.logs.RequestRecord`."""
+                 top_tier: Optional[str] = None, top_params: Optional[Mapping[str, Any]] = None,
+                 sources: Sequence[str] = ()) -> dict[str, Any]:
+    """Every figure of the report, JSON-safe; ``records`` are :class:`coopt.logs.RequestRecord`.
+
+    ``top_params``: the top tier deployment's ``litellm_params`` (its prices), for tasks the top tier
+    did not answer in the window (:func:`top_tier_deployment`)."""
     records = [r for r in records if _in_window(_ts(r.ts), since, until)]
     records.sort(key=lambda r: r.ts or "")
     tiers_seen = {c.tier for r in records for c in r.calls if c.tier}
@@ -333,11 +340,17 @@ def build_report(records: Sequence[Any], scan: RawScan, *, since: Optional[datet
     for record in records:
         by_task[record.task or "-"].append(record)
 
-    # all-top-tier spend per task: the top tier's observed mean cost per call in the window
+    # all-top-tier spend per task (module docstring): observed, else priced from tokens, else unknown
     top_cost: dict[str, Optional[float]] = {}
+    method: dict[str, str] = {}
     for task, rows in by_task.items():
         costs = [c.cost_usd for r in rows for c in r.calls if c.tier == top and c.error is None]
-        top_cost[task] = sum(costs) / len(costs) if costs else None
+        top_cost[task], method[task] = (sum(costs) / len(costs), "observed") if costs else (None, "unknown")
+        if not costs and top_params:
+            priced = [price for r in rows if (price := _priced_at_top(r, scan.tokens, top_params)) is not None]
+            if priced:
+                top_cost[task] = sum(priced) / len(priced)
+                method[task] = f"priced: {top} prices x tokens ({len(priced)} of {len(rows)} requests)"
 
     tasks: dict[str, Any] = {}
     escalation: dict[str, dict[str, Any]] = {}
@@ -362,8 +375,7 @@ def build_report(records: Sequence[Any], scan: RawScan, *, since: Optional[datet
         all_top = None if mean_top is None else mean_top * len(rows)
         tasks[task] = {
             "requests": len(rows), "spend_usd": spend,
-            "all_top_usd": all_top, "all_top_method": "observed" if mean_top is not None else "unknown",
-            "top_tier_mean_cost_usd": mean_top,
+            "all_top_usd": all_top, "all_top_method": method[task], "top_tier_mean_cost_usd": mean_top,
             "savings_usd": None if all_top is None else all_top - spend,
             "tier_shares": {t: finals[t] / len(rows) for t in sorted(finals, key=_tier_number)},
             "escalated_requests": sum(1 for r in rows if r.escalated),
@@ -403,6 +415,29 @@ def build_report(records: Sequence[Any], scan: RawScan, *, since: Optional[datet
     }
     report["alerts"] = [asdict(a) | {"line": a.line()} for a in evaluate_alerts(report, baseline)]
     return report
+
+
+def _priced_at_top(record: Any, tokens: Mapping[str, tuple[int, int]], params: Mapping[str, Any]) -> Optional[float]:
+    """The request at the top tier's prices: the token counts of its first call that has them."""
+    from litellm_routenlp.pricing import price_usage
+
+    for call in record.calls:
+        counts = tokens.get(call.call_id or "")
+        if counts is not None:
+            return price_usage(params, {"prompt_tokens": counts[0], "completion_tokens": counts[1]})
+    return None
+
+
+def top_tier_deployment(config: str | os.PathLike[str]) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """``("T<k>", litellm_params)`` of the proxy config's most expensive tier (highest ``routenlp_tier``)."""
+    from litellm_routenlp.config import read_yaml
+
+    best: tuple[int, Optional[dict[str, Any]]] = (0, None)
+    for deployment in read_yaml(Path(config)).get("model_list") or []:
+        tier = (deployment.get("model_info") or {}).get("routenlp_tier")
+        if isinstance(tier, int) and not isinstance(tier, bool) and tier > best[0]:
+            best = (tier, dict(deployment.get("litellm_params") or {}))
+    return (f"T{best[0]}", best[1]) if best[1] is not None else (None, None)
 
 
 def _audited(records: Sequence[Any], verdicts: Optional[Sequence[Verdict]],
@@ -525,7 +560,8 @@ def load_requests(decisions: Sequence[str | os.PathLike[str]], *, since: Optiona
                   config: Optional[str | os.PathLike[str]] = None, progress: Optional[bool] = None
                   ) -> tuple[list[Any], RawScan]:
     """Requests of the decision logs (and spend-log JSON files, merged by :func:`coopt.logs.merge_sources`)."""
-    from coopt.logs import join_spend_logs, merge_sources, read_decision_log, read_spend_logs_json, tier_names_by_model_id
+    from coopt.logs import (_normalise_row, join_spend_logs, merge_sources, read_decision_log, read_spend_logs_json,
+                            tier_names_by_model_id)
 
     scan = RawScan()
     sources = []
@@ -537,9 +573,18 @@ def load_requests(decisions: Sequence[str | os.PathLike[str]], *, since: Optiona
         scan.lines += part.lines
         sources.append(read_decision_log(path))
     known = [record for source in sources for record in source] or None
-    tiers = tier_names_by_model_id(config) if config else {}
+    tiers: dict[str, str] = {}
+    if spend_logs_json and config:   # the tier of a client call's row comes from its deployment id
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"proxy config not found: {config} (--config; needed to read spend logs)")
+        tiers = tier_names_by_model_id(config)
     for path in spend_logs_json:
-        sources.append(join_spend_logs(read_spend_logs_json(path), tiers, None, "spend_logs_json", known))
+        rows = read_spend_logs_json(path)
+        for row in rows:  # the call id exactly as the join computes it, so records' call ids find their tokens
+            prompt, completion = row.get("prompt_tokens"), row.get("completion_tokens")
+            if isinstance(prompt, int) and isinstance(completion, int):
+                scan.tokens[_normalise_row(row)["call_id"]] = (prompt, completion)
+        sources.append(join_spend_logs(rows, tiers, None, "spend_logs_json", known))
     if not sources:
         raise ValueError("give at least one decision log (--decisions) or --spend-logs-json file")
     return merge_sources(*sources), scan
@@ -566,9 +611,7 @@ def render_text(report: Mapping[str, Any]) -> str:
              f"requests {t['requests']}  (failed, no answer: {t['failed_requests']}; escalated: {t['escalated_requests']})",
              f"spend {_usd(t['spend_usd'])}   all-{report['top_tier']} estimate {_usd(t['all_top_usd'])}   "
              f"savings {_usd(t['savings_usd'])}" + (f" ({t['savings_pct']:.1f}%)" if t["savings_pct"] is not None else ""),
-             "  all-top estimate: per task, the top tier's observed mean cost per call in the window x requests"
-             + (f"; unknown for {', '.join(t['tasks_without_top_estimate'])} (no top-tier answer in the window, "
-                "no token counts in the log): savings over the other tasks" if t["tasks_without_top_estimate"] else ""),
+             "  all-top estimate per task: " + _methods(report),
              ""]
     tiers = sorted({tier for e in report["tasks"].values() for tier in e["tier_shares"]}, key=_tier_number)
     header = f"{'task':<14}{'requests':>9}{'spend':>12}{'all-top':>12}{'savings':>12}  " + \
@@ -600,6 +643,16 @@ def render_text(report: Mapping[str, Any]) -> str:
     lines += [a["line"] for a in report["alerts"]] or ["alerts: none"]
     lines.append(checks_made(report))
     return "\n".join(lines)
+
+
+def _methods(report: Mapping[str, Any]) -> str:
+    """How each task's all-top figure was made ("observed" = the top tier's mean cost per call x requests)."""
+    parts = [f"{task} {entry['all_top_method']}" for task, entry in report["tasks"].items()]
+    note = ("observed = the top tier's mean cost per call in the window x requests"
+            if any(entry["all_top_method"] == "observed" for entry in report["tasks"].values()) else "")
+    if report["totals"]["tasks_without_top_estimate"]:
+        note += ("; " if note else "") + "unknown tasks (no top-tier answer, no token counts) are left out of the savings"
+    return ", ".join(parts) + (f" ({note})" if note else "")
 
 
 def _ms(value: Optional[float]) -> str:
@@ -721,9 +774,7 @@ def render_html(report: Mapping[str, Any]) -> str:
             ("savings", _usd(t["savings_usd"]) + (f" ({t['savings_pct']:.1f}%)" if t["savings_pct"] is not None else "")),
             ("router p50 / p99", f"{_ms(report['router_latency']['p50_ms'])} / {_ms(report['router_latency']['p99_ms'])}")]
     parts.append("<div>" + "".join(f"<span class='kpi'>{e(k)}<b>{e(v)}</b></span>" for k, v in kpis) + "</div>")
-    parts.append("<div class='note'>all-top estimate: per task, the top tier's observed mean cost per call in the window"
-                 " x the task's requests" + (f"; unknown for {e(', '.join(t['tasks_without_top_estimate']))}"
-                                              if t["tasks_without_top_estimate"] else "") + "</div>")
+    parts.append(f"<div class='note'>all-top estimate per task: {e(_methods(report))}</div>")
     parts.append(f"<h2>Spend and savings over time</h2><img alt='spend' src='data:image/png;base64,{images['spend']}'>")
     tiers = sorted({tier for x in report["tasks"].values() for tier in x["tier_shares"]}, key=_tier_number)
     rows = "".join(f"<tr><td>{e(task)}</td><td>{x['requests']}</td><td>{_usd(x['spend_usd'])}</td>"

@@ -307,6 +307,22 @@ def test_report_from_litellm_spend_logs_alone(tmp_path):
     assert (esc["clinc150"]["T1"]["rate"], esc["clinc150"]["T3"]["rate"]) == (1.0, 1.0)
     assert report["tasks"]["banking77"]["tier_shares"] == pytest.approx({"T1": 0.5, "T4": 0.5})
     assert report["router_latency"]["n"] == 0                      # spend rows carry no router latency
+    assert report["tasks"]["banking77"]["all_top_method"] == "observed"
+
+    # without banking77's T4 row the top tier never answered banking77: priced from the proxy config's T4
+    # prices (0.008 per token in and out) x each request's token counts, which only the spend rows have
+    kept = [row for row in rows if (row["metadata"].get("spend_logs_metadata") or {}).get("routenlp_parent_call_id")
+            != "req-escalated-once"]
+    assert len(kept) == 5
+    path.write_text(json.dumps(kept))
+    assert main(["report", "--spend-logs-json", str(path), "--config", str(ROOT / "proxy_config.yaml"),
+                 *NO_THRESHOLDS, "--json", str(out)]) == 0
+    bank = json.loads(out.read_text())["tasks"]["banking77"]
+    client_rows = [row for row in kept if row["litellm_call_id"] in ("req-escalated-once", "req-plain")]
+    assert len(client_rows) == 2 and all(row["prompt_tokens"] > 0 for row in client_rows)
+    assert bank["all_top_method"] == "priced: T4 prices x tokens (2 of 2 requests)"
+    assert bank["all_top_usd"] == pytest.approx(sum(0.008 * (row["prompt_tokens"] + row["completion_tokens"])
+                                                    for row in client_rows))
 
 
 def test_large_logs_get_a_progress_bar(small_log, capsys):
