@@ -566,15 +566,20 @@ class RouteNLPCallback(CustomLogger):
         started = time.perf_counter()
         usage, held = None, None
         hidden: dict[str, Any] = {}
-        async for chunk in stream:
-            if getattr(chunk, "usage", None) is not None:
-                usage = chunk.usage
-            hidden.update(getattr(chunk, "_hidden_params", None) or {})
-            if not state.get("client_logprobs"):
-                strip_logprobs(chunk)
-            if held is not None:
-                yield held
-            held = chunk
+        try:
+            async for chunk in stream:
+                if getattr(chunk, "usage", None) is not None:
+                    usage = chunk.usage
+                hidden.update(getattr(chunk, "_hidden_params", None) or {})
+                if not state.get("client_logprobs"):
+                    strip_logprobs(chunk)
+                if held is not None:
+                    yield held
+                held = chunk
+        except Exception as error:  # the tier failed mid-stream: the client got part of an answer at most
+            if not state.get("recorded"):
+                await self.async_post_call_failure_hook(data, error, None)
+            raise
         hidden.update(getattr(stream, "_hidden_params", None) or {})
         routed = state["decision"].get("tier") or self.tiers.count
         holder = type("Streamed", (), {})()

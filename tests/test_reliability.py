@@ -469,10 +469,12 @@ def _deployments(document, without=()):
 ])
 def test_outage_direction_at_the_filter_hook(tmp_path, task, probabilities, down, served, degraded):
     from litellm_routenlp.plugin import STATE_KEY
+    from litellm_routenlp.routing import RoutingDecision
 
     callback, document = _callback(tmp_path)
     decision = {"task": task, "task_status": "known", "probabilities": probabilities, "router_ms": 1.0}
-    metadata = {STATE_KEY: {"decision": decision, "started": time.time()}}
+    # the state the pre-call hook would have written (sealed: an unsealed one is ignored, issue 11)
+    metadata = {STATE_KEY: callback._new_state(RoutingDecision.from_dict(decision), {})}
     kept = asyncio.run(callback.async_filter_deployments(
         "routenlp", _deployments(document, without=down), [{"role": "user", "content": "x"}],
         request_kwargs={"metadata": metadata}))
