@@ -1,9 +1,10 @@
 """The figures each iteration is judged by: the proxy's cascade replayed over held-out all-pairs queries.
 
-For every query the router picks a start tier among the tiers that serve the task (``choose_tier``,
-as the proxy does), then :func:`litellm_routenlp.cascade.run_cascade` -- the proxy's own cascade --
-walks up with the recorded answers: a tier's answer is kept while u <= delta[tier][task], the cost of
-every tier tried is paid.  From the outcomes (paper Table 4):
+For every query the decision policy (:mod:`litellm_routenlp.policy`; default the paper's
+``conformal_thresholds``) picks a start tier among the tiers that serve the task, then
+:func:`litellm_routenlp.cascade.run_cascade` -- the proxy's own cascade loop, deciding through the
+same policy -- walks up with the recorded answers (paper rule: a tier's answer is kept while
+u <= delta[tier][task]); the cost of every tier tried is paid.  From the outcomes (paper Table 4):
 
 - ``quality``: mean task metric of the answers the clients receive (``quality_retained``: the same
   divided by the top tier's mean quality on the same queries);
@@ -52,28 +53,36 @@ def served_tier_numbers(records: Sequence[AllPairsRecord], portfolio: Portfolio,
 
 
 def start_tiers(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: Any,
-                route_confidence: float = 0.5) -> list[int]:
-    """1-based start tier per record: the router's choice among the tiers serving the record's task."""
-    from litellm_routenlp.routing import choose_tier
+                route_confidence: float = 0.5, policy: Any = None,
+                acceptance: Optional[np.ndarray] = None) -> list[int]:
+    """1-based start tier per record: ``policy.start`` among the tiers serving the record's task
+    (default policy: the paper rule at ``route_confidence``)."""
+    from litellm_routenlp.policy import ConformalThresholds, decide_start
 
+    policy = policy if policy is not None else ConformalThresholds(route_confidence=route_confidence)
     probabilities = router.predict_proba([r.prompt for r in records], [r.task for r in records])
     served = {task: served_tier_numbers(records, portfolio, task) for task in {r.task for r in records}}
-    return [choose_tier(row, served[r.task], route_confidence)[0] for row, r in zip(probabilities, records)]
+    return [decide_start(policy, r.task, served[r.task], row, None if acceptance is None else acceptance[i]).tier
+            for i, (row, r) in enumerate(zip(probabilities, records))]
 
 
 def replay_cascade(records: Sequence[AllPairsRecord], portfolio: Portfolio, starts: Sequence[int], thresholds: Any,
-                   max_hops: int = 3, no_logprobs_policy: str = "trust_router") -> list[Outcome]:
-    """Run the proxy's cascade over the recorded answers, starting each record at ``starts`` (1-based)."""
+                   max_hops: int = 3, no_logprobs_policy: str = "trust_router", policy: Any = None,
+                   acceptance: Optional[np.ndarray] = None) -> list[Outcome]:
+    """Run the proxy's cascade over the recorded answers, starting each record at ``starts`` (1-based).
+
+    ``policy`` (default: the paper rule from ``thresholds``) decides every step; ``acceptance`` (n, K)
+    is the router's ex-ante estimate a ``cascade_routing`` policy reads."""
     from litellm_routenlp.cascade import TierAnswer, run_cascade
 
     names = {k + 1: name for k, name in enumerate(portfolio.tier_names)}
     served = {task: served_tier_numbers(records, portfolio, task) for task in {r.task for r in records}}
 
-    async def one(record: AllPairsRecord, start: int) -> Outcome:
+    async def one(index: int, record: AllPairsRecord, start: int) -> Outcome:
         def answer(tier: int) -> TierAnswer:
             result = record.tiers[names[tier]]
             return TierAnswer(tier=tier, response=result, uncertainty=result.uncertainty, cost_usd=result.cost_usd,
-                              latency_ms=result.latency_ms or 0.0)
+                              latency_ms=result.latency_ms or 0.0, text=result.output)
 
         async def available() -> list[int]:
             return served[record.task]
@@ -83,7 +92,8 @@ def replay_cascade(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
 
         result = await run_cascade(first=answer(start), task=record.task, thresholds=thresholds, tier_names=names,
                                    available_tiers=available, ask=ask, max_hops=max_hops,
-                                   no_logprobs_policy=no_logprobs_policy)
+                                   no_logprobs_policy=no_logprobs_policy, policy=policy,
+                                   acceptance=None if acceptance is None else acceptance[index])
         final = names[result.final.tier]
         quality = record.tiers[final].quality
         return Outcome(id=record.id, task=record.task, start_tier=names[start],
@@ -92,7 +102,7 @@ def replay_cascade(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
                        acceptable=acceptable(record, final, portfolio.tau(record.task)))
 
     async def run_all() -> list[Outcome]:
-        return [await one(record, start) for record, start in zip(records, starts)]
+        return [await one(index, record, start) for index, (record, start) in enumerate(zip(records, starts))]
 
     return asyncio.run(run_all())
 
@@ -130,10 +140,19 @@ def summarise(outcomes: Sequence[Outcome], records: Sequence[AllPairsRecord], po
 
 
 def evaluate(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: Any, thresholds: Any,
-             route_confidence: float = 0.5, max_hops: int = 3) -> tuple[dict[str, Any], list[Outcome]]:
-    """Route + cascade every record; the Table-4 figures and the per-query outcomes."""
-    starts = start_tiers(records, portfolio, router, route_confidence)
-    outcomes = replay_cascade(records, portfolio, starts, thresholds, max_hops=max_hops)
+             route_confidence: float = 0.5, max_hops: int = 3, policy: Any = None) -> tuple[dict[str, Any], list[Outcome]]:
+    """Route + cascade every record with ``policy`` (default: the paper rule from ``thresholds``);
+    the Table-4 figures and the per-query outcomes."""
+    from litellm_routenlp.policy import ConformalThresholds
+
+    if policy is None:
+        policy = ConformalThresholds(thresholds, route_confidence=route_confidence, max_hops=max_hops)
+    acceptance = None
+    if getattr(policy, "name", "") == "cascade_routing":  # the paper rule reads route probabilities only
+        acceptance = router.predict_acceptance([r.prompt for r in records], [r.task for r in records])
+    starts = start_tiers(records, portfolio, router, route_confidence, policy, acceptance)
+    outcomes = replay_cascade(records, portfolio, starts, thresholds, max_hops=max_hops, policy=policy,
+                              acceptance=acceptance)
     return summarise(outcomes, records, portfolio), outcomes
 
 

@@ -120,8 +120,21 @@ def test_bench_on_a_subset_of_a_real_shared_set(tmp_path, data_dir):
     results = bench_files([data_path], portfolio_path, tmp_path / "out", config, name="cascades-subset")
     systems = results["systems"]
     assert results["data"]["uncertainty_available"] == [True, True, True, True]
-    # the cascade is calibrated and used: thresholds recorded, some queries escalate
-    assert "thresholds" in systems["RouteNLP"]["per_seed"][0]["operating_point"]
+    # the paper rule's cascade is calibrated and used: thresholds recorded
+    assert "thresholds" in systems["RouteNLP (paper rule)"]["per_seed"][0]["operating_point"]
+    # cascade routing: a certificate per task, from the cross-fitted train + calibration rows; a task
+    # that is refused goes to the top tier, a certified one has its lambda
+    ours = systems["RouteNLP"]["per_seed"][0]
+    point = ours["operating_point"]
+    assert point["policy"] == "cascade_routing" and set(point["certificates"]) == {"medmcqa", "truthfulqa"}
+    n_pool = results["split"]["sizes"]["train"] + results["split"]["sizes"]["calibration"]
+    assert point["n_certification"] == n_pool
+    for task, certificate in point["certificates"].items():
+        assert certificate["certified"] == (point["lambda"][task] is not None), certificate["message"]
+        if not certificate["certified"]:
+            assert ours["per_task"][task]["quality_ratio"] == pytest.approx(1.0)
+    assert ours["certified"] == all(c["certified"] for c in point["certificates"].values())
+    assert set(ours["per_task"]["medmcqa"]) == {"quality_ratio", "cost_ratio", "met_target"}
     assert systems["RouteNLP w/o cascade"]["escalation_rate"]["mean"] == 0.0
     assert systems["Oracle"]["quality_ratio"]["mean"] > 1.0   # some queries only a cheaper tier gets right
     assert systems["Oracle"]["cost_ratio"]["mean"] < systems["Always-top"]["cost_ratio"]["mean"]
