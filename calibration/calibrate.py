@@ -291,3 +291,77 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
         temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
         os.replace(temporary, out)
     return document
+
+
+def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]],
+                              portfolio: Union[Portfolio, PathLike], router_artifact: Union[PathLike, Any],
+                              out_path: Optional[PathLike] = None, guarantee: str = "ltt", delta: float = 0.1,
+                              method: str = "wsr", target: float = 0.97, folds: int = 5, seed: int = 0,
+                              encoder_dir: Optional[PathLike] = None, router_quantized: bool = True,
+                              max_hops: int = 3, no_logprobs_policy: str = "trust_router") -> dict[str, Any]:
+    """Fit and certify ``cascade_routing`` on calibration records; write the policy file (format 2).
+
+    The records must not have been used to train the router (its ex-ante estimates must be out of
+    sample); the posterior estimator is cross-fitted on them (:mod:`calibration.fit_cascade_routing`,
+    which says what is held apart).  ``target`` is the quality ratio every task must keep against the
+    top tier.  The document records the policy, per-task lambda + certificate, costs, sigmas, the
+    posterior estimator (inline) and ``fitted_under``; :func:`litellm_routenlp.policy.load_policy`
+    reads it back.
+    """
+    from calibration.fit_cascade_routing import CalibrationRows, fit_cascade_routing
+    from litellm_routenlp.policy import POLICY_FORMAT_VERSION, router_sha256
+
+    if not isinstance(portfolio, Portfolio):
+        portfolio = load_portfolio(portfolio)
+    if isinstance(allpairs_path, (str, os.PathLike)):
+        records, data_hash = read_allpairs(allpairs_path, portfolio), data_sha256(allpairs_path)
+    else:
+        records = list(allpairs_path)
+        data_hash = records_sha256(records)
+    if not records:
+        raise ValueError("no calibration records")
+    if isinstance(router_artifact, (str, os.PathLike)):
+        from litellm_routenlp.router_model import RouterModel
+
+        router = RouterModel.load(router_artifact, encoder_dir=encoder_dir, quantized=router_quantized)
+    else:
+        router = router_artifact
+    names = portfolio.tier_names
+    if list(router.tiers) != names:
+        raise ValueError(f"router has tiers {router.tiers}, the portfolio {names}")
+    tasks = np.array([record.task for record in records])
+    available = {}
+    for task in sorted(set(tasks.tolist())):
+        served = served_tiers(records, np.nonzero(tasks == task)[0], names)
+        available[task] = [k + 1 for k, ok in enumerate(served) if ok or k == len(names) - 1]
+    quality = tier_values(records, names, "quality")
+    rows = CalibrationRows(tasks=tasks, ex_ante=router.predict_acceptance([r.prompt for r in records], list(tasks)),
+                           quality=quality, acceptable=quality >= np.array([portfolio.tau(t) for t in tasks])[:, None],
+                           uncertainty=tier_values(records, names, "uncertainty"),
+                           cost=tier_values(records, names, "cost_usd"),
+                           outputs=[[r.tiers[name].output for name in names] for r in records], available=available)
+    fitted = fit_cascade_routing(rows, {task: target for task in available}, guarantee=guarantee, delta=delta,
+                                 method=method, folds=folds, seed=seed, max_hops=max_hops,
+                                 no_logprobs_policy=no_logprobs_policy)
+    artifact_dir = getattr(router, "artifact_dir", None)
+    router_sha = router_sha256(artifact_dir) if artifact_dir is not None and (Path(artifact_dir) / "router.json").is_file() else None
+    document = {
+        "format_version": POLICY_FORMAT_VERSION,
+        **fitted.document,
+        "target": target,
+        "data_sha256": data_hash,
+        "router_artifact": None if artifact_dir is None else str(artifact_dir),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "fitted_under": fitted_under(router_sha, router_quantized, no_logprobs_policy, max_hops,
+                                     {task: {"tau": spec.tau, "kind": spec.kind} for task, spec in portfolio.tasks.items()}),
+    }
+    for task, entry in document["tasks"].items():
+        if not entry["certificate"]["certified"]:
+            logger.warning("%s", entry["certificate"]["message"])
+    if out_path is not None:
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = out.with_name(out.name + ".tmp")
+        temporary.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
+        os.replace(temporary, out)
+    return document

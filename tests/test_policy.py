@@ -156,3 +156,36 @@ def test_old_thresholds_files_load_as_the_paper_rule_and_bad_files_name_the_fiel
     path.write_text(json.dumps(bad))
     with pytest.raises(PolicyError, match="policy 'nope' unknown"):
         load_policy(path)
+
+
+def test_calibrated_cascade_routing_file_loads_and_decides(tmp_path, data_dir):
+    """calibrate_cascade_routing on real cascades_9llm rows writes a policy file load_policy serves."""
+    from calibration.calibrate import calibrate_cascade_routing
+    from coopt.multimodel import combine, load_cascades_9llm
+    from litellm_routenlp.policy import decide_start
+
+    records, portfolio = combine(load_cascades_9llm("medmcqa", limit=120, data_dir=data_dir),
+                                 load_cascades_9llm("truthfulqa", limit=60, data_dir=data_dir))
+
+    class PriorRouter:  # a router whose ex-ante estimate is each tier's training acceptance rate
+        tiers = portfolio.tier_names
+        artifact_dir = None
+
+        def predict_acceptance(self, texts, tasks):
+            return np.tile([0.4, 0.55, 0.7, 0.8], (len(texts), 1))
+
+    path = tmp_path / "policy.json"
+    document = calibrate_cascade_routing(records, portfolio, PriorRouter(), out_path=path, folds=2)
+    assert document["format_version"] == 2 and document["policy"] == "cascade_routing"
+    assert set(document["tasks"]) == {"medmcqa", "truthfulqa"}
+    for task, entry in document["tasks"].items():
+        assert entry["certificate"]["task"] == task and len(entry["costs"]) == 4 and entry["costs"][-1] == 1.0
+        assert (entry["lambda"] is None) == (not entry["certificate"]["certified"])
+    policy = load_policy(path)
+    assert isinstance(policy, CascadeRouting) and policy.estimator is not None
+    start = decide_start(policy, "medmcqa", [1, 2, 3, 4], acceptance=[0.4, 0.55, 0.7, 0.8])
+    assert 1 <= start.tier <= 4
+    assert check_fitted_under(document, {"max_hops": 3, "no_logprobs_policy": "trust_router",
+                                         "router_quantized": True, "tasks": {t: {"tau": s.tau, "kind": s.kind}
+                                                                             for t, s in portfolio.tasks.items()}},
+                              None) == []
