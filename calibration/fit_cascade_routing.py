@@ -217,6 +217,29 @@ def out_of_fold_quality(data: CalibrationRows, lambdas: Sequence[float], folds: 
     return quality, cost
 
 
+def cheapest_certified(cert: Any, lambdas: Sequence[float], cost: np.ndarray, top_cost: np.ndarray) -> Any:
+    """Among the candidates fixed-sequence testing certified (0..index), the cheapest on the rows; the
+    top tier itself when it is cheaper than all of them (then ``value`` is None: serve the top tier).
+
+    Valid for LTT: fixed-sequence testing controls the family-wise error over every candidate it
+    rejects, so any of them -- picked by cost, not by loss -- keeps the guarantee; the top tier's
+    own loss (target - 1) * q_top is never positive."""
+    import dataclasses
+
+    if not cert.certified or cert.index is None:
+        return cert
+    means = cost[:cert.index + 1].mean(axis=1)
+    best = int(np.argmin(means))
+    if means[best] >= float(top_cost.mean()):
+        return dataclasses.replace(cert, index=None, value=None, message=cert.message + (
+            f"; every certified lambda costs >= the top tier on these rows ({means[best]:.4g} >= "
+            f"{float(top_cost.mean()):.4g}): the top tier serves the task"))
+    if best == cert.index:
+        return cert
+    return dataclasses.replace(cert, index=best, value=float(lambdas[best]), message=cert.message + (
+        f"; cheapest of the certified candidates 0..{cert.index} on these rows: lambda={lambdas[best]}"))
+
+
 @dataclass
 class CascadeRoutingFit:
     policy: CascadeRouting
@@ -247,9 +270,9 @@ def fit_cascade_routing(data: CalibrationRows, targets: Mapping[str, float], gua
     certificates = {}
     for task in sorted(set(map(str, data.tasks))):
         rows = np.nonzero(data.tasks == task)[0]
-        certificates[task] = certify_task(task, lambdas, quality[:, rows], data.quality[rows, top],
-                                          float(targets.get(task, 0.97)), guarantee=guarantee, delta=delta,
-                                          method=method, min_n=min_n)
+        cert = certify_task(task, lambdas, quality[:, rows], data.quality[rows, top],
+                            float(targets.get(task, 0.97)), guarantee=guarantee, delta=delta, method=method, min_n=min_n)
+        certificates[task] = cheapest_certified(cert, lambdas, cost[:, rows], data.cost[rows, top]) if guarantee == "ltt" else cert
     estimator, sigmas, costs = final if final is not None else fit_parts(data, seed)
     specs = {task: TaskPolicy(lam=cert.value if cert.certified else None, costs=costs[task], sigmas=sigmas[task],
                               certificate=cert.to_dict()) for task, cert in certificates.items()}

@@ -290,6 +290,11 @@ def _as_signals(answers: Sequence[PolicyAnswer]) -> list[Any]:
     return [AnswerSignals(tier=a.tier, uncertainty=a.uncertainty, margin=a.margin, text=a.text) for a in answers]
 
 
+#: which answer cascade_routing returns: the paper's (highest estimate among the answers) or the
+#: most capable tier's answer (a cascade's; the lookahead still decides whether to ask)
+ANSWER_RULES = ("best_estimate", "last")
+
+
 @register_policy("cascade_routing")
 class CascadeRouting:
     """Cascade routing (module docstring).  ``estimator.predict(task, ex_ante, answers) -> (K,)``."""
@@ -297,9 +302,13 @@ class CascadeRouting:
     name: ClassVar[str]
 
     def __init__(self, tasks: Mapping[str, TaskPolicy], estimator: Any = None, max_hops: int = 3,
-                 no_logprobs_policy: str = "trust_router", memo: Optional[dict] = None) -> None:
+                 no_logprobs_policy: str = "trust_router", memo: Optional[dict] = None,
+                 answer_rule: str = "best_estimate") -> None:
         if no_logprobs_policy not in NO_LOGPROBS_POLICIES:
             raise PolicyError(f"no_logprobs_policy must be one of {NO_LOGPROBS_POLICIES}, got {no_logprobs_policy!r}")
+        if answer_rule not in ANSWER_RULES:
+            raise PolicyError(f"answer_rule must be one of {ANSWER_RULES}, got {answer_rule!r}")
+        self.answer_rule = answer_rule
         self.tasks = dict(tasks)
         self.estimator = estimator
         self.max_hops = int(max_hops)
@@ -381,7 +390,8 @@ class CascadeRouting:
         tried = [a.tier for a in state.answers]
         current = state.answers[-1]
         estimates = self.estimates(state.task, state.acceptance, state.answers)
-        best_answer = max(tried, key=lambda t: (float(estimates[t - 1]), t))
+        best_answer = (max(tried, key=lambda t: (float(estimates[t - 1]), t)) if self.answer_rule == "best_estimate"
+                       else max(tried))
         as_tuple = tuple(float(v) for v in estimates)
 
         def stop(code: str, why: str) -> StepDecision:
@@ -403,7 +413,7 @@ class CascadeRouting:
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.name, "max_hops": self.max_hops, "no_logprobs_policy": self.no_logprobs_policy,
-                "tasks": {task: spec.to_dict() for task, spec in self.tasks.items()}}
+                "answer_rule": self.answer_rule, "tasks": {task: spec.to_dict() for task, spec in self.tasks.items()}}
 
 
 # ----------------------------------------------------------------------------------------- the file
@@ -511,8 +521,11 @@ def policy_from_document(document: Mapping[str, Any], settings: Any = None, wher
             settings, "route_confidence", document.get("route_confidence") or 0.5), max_hops=max_hops,
             no_logprobs_policy=no_logprobs)
     if name == "cascade_routing":
+        rule = document.get("answer_rule", "best_estimate")
+        if rule not in ANSWER_RULES:
+            raise PolicyError(f"{where}: answer_rule must be one of {ANSWER_RULES}, got {rule!r}")
         return CascadeRouting(task_policies(document, where), load_estimator(document, base, where),
-                              max_hops=max_hops, no_logprobs_policy=no_logprobs)
+                              max_hops=max_hops, no_logprobs_policy=no_logprobs, answer_rule=rule)
     return POLICIES[name].from_document(document, settings)  # a user's registered policy
 
 

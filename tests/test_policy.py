@@ -189,3 +189,24 @@ def test_calibrated_cascade_routing_file_loads_and_decides(tmp_path, data_dir):
                                          "router_quantized": True, "tasks": {t: {"tau": s.tau, "kind": s.kind}
                                                                              for t, s in portfolio.tasks.items()}},
                               None) == []
+
+
+def test_cheapest_certified_keeps_the_guarantee_and_prefers_the_top_tier_when_cheaper():
+    from calibration.certify import Certificate
+    from calibration.fit_cascade_routing import cheapest_certified
+
+    cert = Certificate("t", "ltt-wsr", 0.97, 0.1, 100, 2, 0.3, -0.01, True, "ok")
+    cost = np.array([[2.0] * 4, [0.5] * 4, [0.8] * 4, [0.1] * 4])   # candidate 3 was not certified
+    chosen = cheapest_certified(cert, [0.1, 0.2, 0.3, 0.4], cost, np.ones(4))
+    assert chosen.index == 1 and chosen.value == 0.2 and chosen.certified
+    top = cheapest_certified(cert, [0.1, 0.2, 0.3, 0.4], cost + 1.0, np.ones(4))
+    assert top.value is None and top.certified and "top tier serves" in top.message
+
+
+def test_answer_rule_last_returns_the_most_capable_answer():
+    after = StepState(task="t", answers=(PolicyAnswer(1, 0.9), PolicyAnswer(3, 0.1)), available_tiers=(1, 2, 3),
+                      hops=1, acceptance=(0.97, 0.6, 0.95))
+    spec = {"t": TaskPolicy(lam=0.2, costs=(0.05, 0.1, 1.0), sigmas=(0.0, 0.0, 0.0))}
+    assert CascadeRouting(spec, answer_rule="last").step(after).answer_tier == 3
+    with pytest.raises(PolicyError, match="answer_rule"):
+        CascadeRouting(spec, answer_rule="vote")
