@@ -69,6 +69,13 @@ class RouteNLPSettings(BaseModel):
         default=False,
         description="router artifact or thresholds file unusable at start-up: refuse to start (false) or "
                     "route everything to the top tier with a loud warning (true)")
+    metrics_port: Optional[int] = Field(
+        default=None, ge=1, le=65535,
+        description="serve the routenlp_* Prometheus metrics on this port (prometheus-client's server); off when "
+                    "unset. Not needed when LiteLLM's `prometheus` callback is on: its /metrics shows them too")
+    metrics_host: str = Field(
+        default="127.0.0.1", min_length=1,
+        description="address the metrics port binds to; loopback by default (the endpoint has no authentication)")
 
     @field_validator("tasks")
     @classmethod

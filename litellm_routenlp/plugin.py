@@ -42,11 +42,13 @@ from litellm.integrations.custom_logger import CustomLogger
 from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
 from .config import RouteNLPSettings, SettingsError, load_settings
 from .decision_log import DecisionLog
+from . import prometheus_metrics
 from .pricing import call_cost
 from .request_fields import (RequestError, forwarded_params, query_text, resolve_task, strip_client_plugin_fields,
                              validate_request, write_back_task)
 from .router_model import RouterArtifactError, RouterModel
 from .routing import RoutingDecision, choose_tier, healthy_fallback
+from .spend_tags import tag_call, task_label
 from .streaming import chunks_from_response, collect_stream
 from .thresholds import Thresholds, ThresholdsError
 from .uncertainty import response_uncertainty
@@ -180,6 +182,7 @@ class RouteNLPCallback(CustomLogger):
             if unknown:
                 logger.warning("RouteNLP: tasks %s are not known to the router; they use its task-agnostic "
                                "embedding", unknown)
+        prometheus_metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
         return cls(settings, tier_table, router, thresholds, DecisionLog(settings.decision_log_path),
                    llm_router=llm_router)
 
@@ -318,7 +321,12 @@ class RouteNLPCallback(CustomLogger):
         decision.tier, decision.wanted_tier, decision.reason = tier, wanted, reason
         decision.healthy_tiers = sorted(by_tier)
         state["decision"] = decision.to_dict()
+        tag_call(metadata, self.tier_names.get(tier, f"T{tier}"), self._task_label(state["decision"]),
+                 degraded=tier != wanted)  # read by LiteLLM when it logs the call (spend_tags.py)
         return by_tier[tier]
+
+    def _task_label(self, decision: dict[str, Any]) -> str:
+        return task_label(decision.get("task"), decision.get("task_status"), self.settings.tasks)
 
     def _fallback_direction(self, decision: RoutingDecision) -> str:
         """Outage policy: structured tasks fall back down (T1 + cascade), generation goes up."""
@@ -386,6 +394,7 @@ class RouteNLPCallback(CustomLogger):
             "routenlp_tier": self.tier_names.get(tier, f"T{tier}"),
             "routenlp_previous_uncertainty": previous.uncertainty,
         }
+        tag_call(metadata, self.tier_names.get(tier, f"T{tier}"), self._task_label(state["decision"]), escalated=True)
         started = time.perf_counter()
         response = await self.llm_router.acompletion(
             model=self.settings.model_alias, messages=data["messages"], metadata=metadata,
@@ -456,6 +465,8 @@ class RouteNLPCallback(CustomLogger):
             record["prompt"] = query_text(data.get("messages"))
         await self.decision_log.append_async(record)
         state["recorded"] = True
+        prometheus_metrics.observe_answer(self._task_label(decision), decision, state["result"], self.tier_names,
+                                          router_available=self.router is not None)
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         state = self._state(data)
@@ -627,6 +638,7 @@ class RouteNLPCallback(CustomLogger):
         }
         await self.decision_log.append_async(record)
         state["recorded"] = True
+        prometheus_metrics.observe_failure(self._task_label(state["decision"]))
         return None
 
 

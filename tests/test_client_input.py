@@ -217,7 +217,10 @@ def test_3_client_sent_links_and_tags_are_stripped_and_the_reader_trusts_only_pl
         assert not {k: v for k, v in extra.items() if k in forged_links and v == forged_links[k]}, extra
         tags = row.get("request_tags") if isinstance(row.get("request_tags"), list) else \
             json.loads(row.get("request_tags") or "[]")
-        assert not [t for t in tags if str(t).lower().startswith("routenlp-")], tags
+        # the client's routenlp-* tags are gone; the only ones left are the plugin's, for the tier it served
+        served = attacker_headers["x-routenlp-path"].split(",")[0]
+        assert [t for t in tags if str(t).lower().startswith("routenlp-")] == \
+            [f"routenlp-tier:{served}", "routenlp-task:clinc150"], tags
         assert "keep-me" in tags, tags
 
     # Rows as the reader receives them, with the forged link put back (a log from an unpatched proxy):

@@ -1,0 +1,74 @@
+"""LiteLLM request tags that split LiteLLM's own spend views by tier, task and escalation.
+
+Why tags: LiteLLM copies ``metadata.tags`` of a call into its spend-log row (``LiteLLM_SpendLogs.request_tags``)
+and adds the call's cost to ``LiteLLM_DailyTagSpend`` per tag, which ``/spend/tags``, ``/tag/daily/activity``
+and the admin UI's tag views read.  A tag per tier / task / escalation therefore makes the operator's
+existing spend reports show what the router did, with no report of ours in between.
+
+When the tags are written matters (verified in litellm 1.106.2):
+
+* ``litellm_core_utils/litellm_logging.py`` ``StandardLoggingPayloadSetup.get_request_tags`` reads
+  ``litellm_params["metadata"]["tags"]`` when the success (or failure) event is logged, i.e. after the call;
+  ``proxy/spend_tracking/spend_tracking_utils.py`` ``get_logging_payload`` stores that list as the row's
+  ``request_tags``.
+* ``litellm_params["metadata"]`` is the very dict the ``Router`` hands to ``async_filter_deployments``
+  as ``request_kwargs["metadata"]`` (the same object, not a copy), so a tag list assigned there, where
+  the served tier is first known, is the one the spend row gets.  The pre-call hook is too early (no tier
+  yet); ``tests/test_spend_tags.py`` checks the whole chain with LiteLLM's own row builder.
+
+A client cannot spoof these tags: the pre-call hook drops every ``routenlp-*`` tag a client sent
+(``request_fields.strip_client_plugin_fields``) and :func:`with_routing_tags` rebuilds the plugin's part
+of the list from the plugin's own decision every time it runs (a retry on another tier re-tags).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+TAG_PREFIX = "routenlp-"
+TIER_TAG = TAG_PREFIX + "tier:"
+TASK_TAG = TAG_PREFIX + "task:"
+ESCALATED_TAG = TAG_PREFIX + "escalated"
+DEGRADED_TAG = TAG_PREFIX + "degraded"
+UNKNOWN_TASK = "unknown"
+
+
+def is_plugin_tag(tag: Any) -> bool:
+    """A tag only the plugin may write (case and surrounding blanks do not hide one)."""
+    return isinstance(tag, str) and tag.strip().lower().startswith(TAG_PREFIX)
+
+
+def task_label(task: Optional[str], task_status: Optional[str], configured: Iterable[str]) -> str:
+    """The task name a tag or metric label may carry: a configured task, else ``unknown``.
+
+    Bounded on purpose: a free-form client string would open one tag (and one Prometheus series)
+    per distinct value a client cares to send."""
+    if task_status == "known" and task and task in set(configured):
+        return task
+    return UNKNOWN_TASK
+
+
+def routing_tags(tier_name: str, task: str, escalated: bool = False, degraded: bool = False) -> list[str]:
+    """The plugin's tags for one call, in a fixed order."""
+    tags = [TIER_TAG + tier_name, TASK_TAG + task]
+    if escalated:
+        tags.append(ESCALATED_TAG)
+    if degraded:
+        tags.append(DEGRADED_TAG)
+    return tags
+
+
+def with_routing_tags(existing: Any, ours: list[str]) -> list[str]:
+    """The client's own tags (kept in order, any ``routenlp-*`` one dropped) followed by ``ours``.
+
+    Always a new list: the caller assigns it, so a list shared with another request's metadata (an
+    escalation inherits its parent's) is never changed in place."""
+    kept = [tag for tag in existing if not is_plugin_tag(tag)] if isinstance(existing, list) else []
+    return kept + [tag for tag in ours if tag not in kept]
+
+
+def tag_call(metadata: dict[str, Any], tier_name: str, task: str, escalated: bool = False,
+             degraded: bool = False) -> None:
+    """Set ``metadata["tags"]`` for one call the plugin makes or steers."""
+    metadata["tags"] = with_routing_tags(metadata.get("tags"),
+                                         routing_tags(tier_name, task, escalated=escalated, degraded=degraded))
