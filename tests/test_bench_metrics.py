@@ -23,7 +23,7 @@ import pytest
 from coopt.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, write_allpairs, write_portfolio
 from coopt.bench.data import BenchData
 from coopt.bench.metrics import Routes, cost_ratio, per_query, quality_ratio, summarise, tier_shares
-from coopt.bench.routenlp import replay_cascade
+from coopt.bench.routenlp import policy_routes
 from coopt.bench.run import load_bench_data
 from coopt.bench.systems import FitContext, Oracle, RatioScorer, pick
 
@@ -88,9 +88,11 @@ def test_volume_weighting_counts_tasks_by_their_number_of_queries(tiny):
 def test_the_proxy_cascade_pays_for_every_tier_tried(tiny):
     from litellm_routenlp.thresholds import Thresholds
 
+    from litellm_routenlp.policy import ConformalThresholds
+
     thresholds = Thresholds(deltas={"T1": {"intent": 0.5, "reply": 0.5}, "T2": {"intent": 0.5, "reply": 0.5}})
-    routes = replay_cascade(tiny, ALL, np.zeros(6, dtype=int), thresholds, max_hops=3,
-                            no_logprobs_policy="trust_router")
+    routes = policy_routes(ConformalThresholds(thresholds, max_hops=3, no_logprobs_policy="trust_router"), tiny, ALL,
+                           starts=np.ones(6, dtype=int))  # the policy's tiers are 1-based; Routes are 0-based
     assert routes.paths() == [[0], [0, 1], [0, 1, 2], [0], [0], [0, 1]]
     values = per_query(tiny, routes)
     assert values["cost"].tolist() == pytest.approx([0.001, 0.011, 0.111, 0.001, 0.002, 0.022])
@@ -100,14 +102,16 @@ def test_the_proxy_cascade_pays_for_every_tier_tried(tiny):
     summary = summarise(tiny, routes)
     assert summary["escalation_rate"] == pytest.approx(3 / 6)
     # max_hops = 1 stops i3 at T2, as the proxy would
-    capped = replay_cascade(tiny, ALL, np.zeros(6, dtype=int), thresholds, max_hops=1, no_logprobs_policy="trust_router")
+    capped = policy_routes(ConformalThresholds(thresholds, max_hops=1), tiny, ALL, starts=np.ones(6, dtype=int))
     assert capped.paths()[2] == [0, 1]
 
 
 def test_the_fast_scorer_agrees_with_the_metrics(tiny):
     routes = Routes.single(ALL, np.array([0, 1, 2, 0, 1, 2]), 3)
     scorer = RatioScorer(tiny, ALL)
-    assert scorer.score(routes.tried, routes.final) == pytest.approx((quality_ratio(tiny, routes), cost_ratio(tiny, routes)))
+    quality, cost, per_row = scorer.score(routes.tried, routes.final)
+    assert (quality, cost) == pytest.approx((quality_ratio(tiny, routes), cost_ratio(tiny, routes)))
+    assert per_row.tolist() == per_query(tiny, routes)["quality"].tolist()
 
 
 def test_pick_takes_the_cheapest_setting_at_the_target_else_the_best_quality():
