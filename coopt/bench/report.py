@@ -62,7 +62,8 @@ def table_markdown(results: dict[str, Any]) -> str:
              f"from the queue simulation at {headline} queries/min. p(cost): paired bootstrap, one-sided, "
              "H0 = RouteNLP is not cheaper.",
              ""]
-    header = ["System"] + [f"{task} Q / C" for task in tasks] + ["Q ratio", "C ratio", "tier shares (" + "/".join(tiers) + ")",
+    header = ["System"] + [f"{task} Q / C" for task in tasks] + ["Q ratio", "C ratio", "min seed Q", "seeds >= target",
+                                                                   "certified", "tier shares (" + "/".join(tiers) + ")",
                                                                    "p99 ms", "SLA viol.", "p(cost)"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -76,7 +77,11 @@ def table_markdown(results: dict[str, Any]) -> str:
         label = f"**{name}**" if name == "RouteNLP" else name
         unstable = entry.get("peak_utilisation_at_headline", 0.0) >= SATURATED
         any_unstable = any_unstable or unstable
+        n_seeds = len(entry.get("per_seed", []))
         lines.append("| " + " | ".join([label] + per_task + [_pm(entry["quality_ratio"]), _pm(entry["cost_ratio"]),
+                                                            f"{entry.get('min_seed_quality_ratio', float('nan')):.3f}",
+                                                            f"{entry.get('seeds_meeting_target', '-')}/{n_seeds}",
+                                                            "yes" if entry.get("certified") else "no",
                                                             shares, f"{entry['p99_ms']['mean']:.0f}{'†' if unstable else ''}",
                                                             f"{entry['sla_violation']['mean'] * 100:.1f}%",
                                                             _p(p_cost)]) + " |")
@@ -84,10 +89,37 @@ def table_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"† in at least one seed a tier runs at >= {SATURATED:.0%} of its capacity at this arrival rate: "
                       "its queue is saturated (or grows for the whole simulated window), so this p99 depends on "
                       "the window's length."]
+    metrics = {name: entry["router_metrics"] for name, entry in systems.items() if entry.get("router_metrics")}
+    if metrics:
+        lines += ["", "Two tiers: RouteLLM's router metrics on the test rows (PGR = (Q - Q_weak) / (Q_strong - Q_weak); "
+                      "APGR = area under PGR against the share of strong calls over the system's knob; CPT(x) = the "
+                      "share of strong calls at which PGR first reaches x; Random with the same shares: APGR 0.5, "
+                      "CPT(x) = x).", "",
+                  "| System | strong share | PGR | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|---|"]
+        for name, m in metrics.items():
+            lines.append(f"| {name} | {_pm(m['strong_share'])} | {_pm(m['pgr'])} | {_pm(m['apgr'])} | "
+                         f"{_pm(m['cpt50'])} | {_pm(m['cpt80'])} |")
     goal = results.get("goal", {})
     if goal.get("evaluated"):
         lines += ["", goal_sentence(goal)]
     return "\n".join(lines) + "\n"
+
+
+def must_show_sentence(goal: dict[str, Any]) -> str:
+    """Issue 14's bar for RouteNLP, field by field."""
+    if "must_show" not in goal:
+        return ""
+    target = goal["target_quality_ratio"]
+    parts = [f"mean Q >= {target}: {'yes' if goal['quality_reached'] else 'no'}",
+             f"no seed below {target - 0.01:.2f}: {'yes' if goal['no_seed_below'] else 'no'} "
+             f"(min {goal['min_seed_quality_ratio']:.3f})",
+             f"every task's mean within 0.01: {'yes' if goal['every_task_within_0.01'] else 'no'}",
+             f"cheaper than every baseline reaching Q >= {target}: {'yes' if goal['lowest_cost_at_target'] else 'no'}"]
+    if "cheaper_than_paper_rule" in goal:
+        paper = goal["paper_rule"]
+        parts.append(f"cheaper than the paper rule (Q {paper['quality_ratio']:.3f}, C {paper['cost_ratio']:.3f}): "
+                     f"{'yes' if goal['cheaper_than_paper_rule'] else 'no'}")
+    return f"Must-show (issue 14) {'**met**' if goal['must_show'] else '**not met**'}: " + "; ".join(parts) + "."
 
 
 def goal_sentence(goal: dict[str, Any]) -> str:
@@ -108,7 +140,7 @@ def goal_sentence(goal: dict[str, Any]) -> str:
                  f"{abs(goal['routenlp_cost_ratio'] - at_target['cost_ratio']):.3f})")
     else:
         text += f"; no baseline reaches Q >= {target}"
-    return text + "."
+    return text + "." + ("\n\n" + must_show_sentence(goal) if "must_show" in goal else "")
 
 
 def sweeps_markdown(results: dict[str, Any]) -> str:
@@ -158,6 +190,10 @@ def plot_cost_quality(results: dict[str, Any], path: Path) -> None:
                     color=colours[(2 * index) % 20 + (index // 10) % 2], markersize=13 if name == "RouteNLP" else 6,
                     elinewidth=0.8, label=name)
         ax.annotate(name, (c["mean"], q["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
+        seeds = entry.get("per_seed") or []
+        if seeds:  # every seed's test point, so the spread behind the mean is visible
+            ax.scatter([s_["cost_ratio"] for s_ in seeds], [s_["quality_ratio"] for s_ in seeds], s=9, alpha=0.45,
+                       marker=marker, color=colours[(2 * index) % 20 + (index // 10) % 2], linewidths=0)
     sweeps = results.get("sweeps") or {}
     for kind, style in (("route_confidence", "k--"), ("alpha", "r:"), ("delta", "g-.")):
         cells = sweeps.get(kind) or {}
