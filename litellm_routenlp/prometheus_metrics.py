@@ -4,8 +4,10 @@ Library: ``prometheus-client``, the one LiteLLM's Prometheus integration uses, s
 the same default ``REGISTRY`` and LiteLLM's own ``/metrics`` serves them (litellm 1.106.2:
 ``integrations/prometheus.py`` ``PrometheusLogger._mount_metrics_endpoint`` mounts
 ``make_metrics_asgi_app(REGISTRY)`` when ``prometheus`` is among ``litellm_settings.callbacks`` /
-``success_callback``; no premium check on that path).  Without that callback, ``routenlp_settings.metrics_port``
-starts prometheus-client's own HTTP server, bound to ``metrics_host`` (127.0.0.1 by default).
+``success_callback``; no premium check on that path, but ``proxy/middleware/prometheus_auth_middleware.py``
+asks for a LiteLLM key unless ``litellm_settings.require_auth_for_metrics_endpoint: false``).  Without that
+callback, ``routenlp_settings.metrics_port`` starts prometheus-client's own HTTP server, bound to
+``metrics_host`` (127.0.0.1 by default: that server has no authentication).
 
 Names follow LiteLLM's: a product prefix (``routenlp_`` as LiteLLM's ``litellm_``), snake_case label names,
 ``_total`` counters, ``_seconds`` for durations.  Label values are bounded: tasks are configured task

@@ -1,0 +1,230 @@
+"""Issue 13 item 3: live ``routenlp_*`` Prometheus metrics.
+
+* the counters after requests through the plugin's own hooks (real ``litellm.Router``, mock tiers with
+  logprobs): a plain request, an escalation T1 -> T3 -> T4 and a degraded one;
+* ``routenlp_settings.metrics_port``: prometheus-client's server on 127.0.0.1, scraped over HTTP;
+* several workers: prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) sums two real
+  worker processes on the one endpoint;
+* a real ``litellm --config`` proxy with LiteLLM's ``prometheus`` callback on: its own ``/metrics``
+  shows our counters next to LiteLLM's, per task and tier, matching the answers' headers; the
+  ``metrics_port`` of the same proxy serves the same counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from collections import Counter as Tally
+from pathlib import Path
+
+import pytest
+import yaml
+
+from litellm_routenlp import prometheus_metrics as pm
+from litellm_routenlp.proxy_process import ProxyProcess, free_port
+
+from test_spend_tags import QUERY, _callback, mock_deployments, one_request
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scrape(url: str, key: str | None = None) -> dict[tuple[str, frozenset], float]:
+    """Samples of an exposition page, parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_every_metric_is_registered_with_litellm_style_names() -> None:
+    from prometheus_client import REGISTRY
+
+    names = {family.name for family in REGISTRY.collect()}
+    for name in pm.metric_names():
+        assert name in names and name.startswith("routenlp_"), name
+    assert pm.REQUESTS._labelnames == ("task", "tier")
+    assert pm.ESCALATIONS._labelnames == ("task", "from_tier", "to_tier")
+    assert pm.DEGRADED._labelnames == ("task", "wanted_tier", "served_tier")
+    assert pm.AUDIT_VERDICTS._labelnames == ("task", "verdict")
+
+
+def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_plugin(tmp_path, monkeypatch):
+    import litellm
+
+    from litellm_routenlp.routing import choose_tier
+
+    callback = _callback(tmp_path)
+    decision = callback.decide([{"role": "user", "content": QUERY}], {"task": "banking77"})
+    wanted, _ = choose_tier(decision.probabilities, [1, 3, 4], callback.settings.route_confidence)
+    monkeypatch.setattr(litellm, "callbacks", [callback])
+
+    def sample(name, **labels):
+        return pm.sample(name, labels)
+
+    before = {
+        "t1": sample("routenlp_requests_total", task="banking77", tier="T1"),
+        "t4": sample("routenlp_requests_total", task="banking77", tier="T4"),
+        "e13": sample("routenlp_escalations_total", task="banking77", from_tier="T1", to_tier="T3"),
+        "e34": sample("routenlp_escalations_total", task="banking77", from_tier="T3", to_tier="T4"),
+        "hops_n": sample("routenlp_cascade_hops_count", task="banking77"),
+        "hops_sum": sample("routenlp_cascade_hops_sum", task="banking77"),
+        "hops_0": sample("routenlp_cascade_hops_bucket", task="banking77", le="0.0"),
+        "u_t1": sample("routenlp_uncertainty_count", task="banking77", tier="T1"),
+        "u_t1_low": sample("routenlp_uncertainty_bucket", task="banking77", tier="T1", le="0.05"),
+        "router_n": sample("routenlp_router_latency_seconds_count", task="banking77"),
+        "degraded": sample("routenlp_degraded_total", task="banking77", wanted_tier=f"T{wanted}",
+                           served_tier="T3"),
+    }
+
+    async def traffic():
+        plain = await one_request(callback, litellm.Router(model_list=mock_deployments(), num_retries=0), "m-plain")
+        escalated = await one_request(
+            callback, litellm.Router(model_list=mock_deployments(uncertain_tiers=(1, 2, 3)), num_retries=0), "m-esc")
+        degraded = await one_request(
+            callback, litellm.Router(model_list=mock_deployments(without=(wanted,)), num_retries=0), "m-deg")
+        return plain, escalated, degraded
+
+    plain, escalated, degraded = asyncio.run(traffic())
+    assert plain["x-routenlp-path"] == "T1" and escalated["x-routenlp-path"] == "T1,T3,T4", (plain, escalated)
+    degraded_path = degraded["x-routenlp-path"].split(",")
+    assert wanted == 1 and degraded_path[0] == "T3"   # T1 down: a structured task falls back to T3
+
+    def delta(key, name, **labels):
+        return sample(name, **labels) - before[key]
+
+    assert delta("t1", "routenlp_requests_total", task="banking77", tier="T1") == 1
+    assert delta("t4", "routenlp_requests_total", task="banking77", tier="T4") == \
+        1 + (degraded_path[-1] == "T4")
+    assert delta("e13", "routenlp_escalations_total", task="banking77", from_tier="T1", to_tier="T3") == 1
+    assert delta("e34", "routenlp_escalations_total", task="banking77", from_tier="T3", to_tier="T4") == \
+        1 + (degraded_path == ["T3", "T4"])
+    assert delta("hops_n", "routenlp_cascade_hops_count", task="banking77") == 3
+    assert delta("hops_sum", "routenlp_cascade_hops_sum", task="banking77") == 2 + len(degraded_path) - 1
+    assert delta("hops_0", "routenlp_cascade_hops_bucket", task="banking77", le="0.0") == 1   # the plain one
+    # T1 answered twice (plain: u ~ 0.001, escalated: u ~ 0.95)
+    assert delta("u_t1", "routenlp_uncertainty_count", task="banking77", tier="T1") == 2
+    assert delta("u_t1_low", "routenlp_uncertainty_bucket", task="banking77", tier="T1", le="0.05") == 1
+    assert delta("router_n", "routenlp_router_latency_seconds_count", task="banking77") == 3
+    assert delta("degraded", "routenlp_degraded_total", task="banking77", wanted_tier="T1", served_tier="T3") == 1
+
+
+def test_metrics_port_serves_the_counters_on_loopback() -> None:
+    port = free_port()
+    assert pm.start_metrics_server(port) is True
+    assert pm.start_metrics_server(port) is True        # once per process: a second call is a no-op
+    pm.observe_answer("clinc150", {"router_ms": 2.0, "tier": 1, "wanted_tier": 1},
+                      {"final_tier": 1, "path": [1], "uncertainties": [0.2]}, {1: "T1"})
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert value(samples, "routenlp_requests_total", task="clinc150", tier="T1") == \
+        pm.sample("routenlp_requests_total", {"task": "clinc150", "tier": "T1"}) >= 1
+    assert pm.start_metrics_server(None) is False
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from litellm_routenlp import prometheus_metrics as pm
+    for _ in range(int(sys.argv[1])):
+        pm.observe_answer("bitext", {"router_ms": 1.0, "tier": 2, "wanted_tier": 2},
+                          {"final_tier": 4, "path": [2, 4], "uncertainties": [0.6, 0.1]}, {2: "T2", 4: "T4"})
+""")
+SERVER = textwrap.dedent("""
+    import sys, time
+    from litellm_routenlp import prometheus_metrics as pm
+    assert pm.start_metrics_server(int(sys.argv[1]))
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_several_workers_are_summed_in_multiprocess_mode(tmp_path) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory), "PYTHONPATH": str(ROOT)}
+    for count in (3, 5):   # two worker processes, each with its own counters
+        subprocess.run([sys.executable, "-c", WORKER, str(count)], env=env, check=True, timeout=60)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    assert value(samples, "routenlp_requests_total", task="bitext", tier="T4") == 8
+    assert value(samples, "routenlp_escalations_total", task="bitext", from_tier="T2", to_tier="T4") == 8
+    assert value(samples, "routenlp_uncertainty_count", task="bitext", tier="T2") == 8
+
+
+# ----------------------------------------------------------------------------------------- real proxy
+@pytest.fixture(scope="module")
+def metrics_proxy(tmp_path_factory):
+    """A small real proxy: the plugin, mock tiers (T1 and T3 uncertain), LiteLLM's prometheus callback,
+    and our metrics port."""
+    work = tmp_path_factory.mktemp("metrics_proxy")
+    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
+    document["model_list"] = mock_deployments(uncertain_tiers=(1, 3))
+    document["litellm_settings"] = {"callbacks": ["litellm_routenlp.proxy_hook.routenlp", "prometheus"]}
+    settings = document["routenlp_settings"]
+    settings["router_artifact"] = str(ROOT / "artifacts/router")
+    settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
+    settings["decision_log_path"] = str(work / "decisions.jsonl")
+    settings["metrics_port"] = free_port()
+    config = work / "proxy_config.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT)
+    process.start(timeout=240)
+    process.metrics_port = settings["metrics_port"]
+    yield process
+    process.stop()
+
+
+@pytest.mark.proxy
+def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metrics_proxy) -> None:
+    from openai import OpenAI
+
+    from coopt.tasks import get_task
+
+    client = OpenAI(base_url=metrics_proxy.base_url, api_key=metrics_proxy.master_key, timeout=120, max_retries=0)
+    # LiteLLM's /metrics asks for a key by default (litellm_settings.require_auth_for_metrics_endpoint)
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        scrape(metrics_proxy.base_url + "/metrics")
+    before = scrape(metrics_proxy.base_url + "/metrics", metrics_proxy.master_key)
+    served, hops = Tally(), Tally()
+    for task in ("banking77", "clinc150"):
+        for example in get_task(task).load("test", limit=3, seed=5):
+            raw = client.chat.completions.with_raw_response.create(
+                model="routenlp", messages=[{"role": "user", "content": example.text}], metadata={"task": task},
+                max_tokens=8)
+            path = raw.headers["x-routenlp-path"].split(",")
+            served[(task, path[-1])] += 1
+            for low, high in zip(path, path[1:]):
+                hops[(task, low, high)] += 1
+    after = scrape(metrics_proxy.base_url + "/metrics", metrics_proxy.master_key)
+    assert any(name.startswith("litellm_") for name, _ in after), "LiteLLM's own metrics are on the same page"
+    for (task, tier), count in served.items():
+        assert value(after, "routenlp_requests_total", task=task, tier=tier) - \
+            value(before, "routenlp_requests_total", task=task, tier=tier) == count, (task, tier)
+    for (task, low, high), count in hops.items():
+        assert value(after, "routenlp_escalations_total", task=task, from_tier=low, to_tier=high) - \
+            value(before, "routenlp_escalations_total", task=task, from_tier=low, to_tier=high) == count
+    assert sum(hops.values()) > 0, "T1 and T3 are uncertain: some requests escalate"
+    for task in ("banking77", "clinc150"):
+        assert value(after, "routenlp_router_latency_seconds_count", task=task) - \
+            value(before, "routenlp_router_latency_seconds_count", task=task) == 3
+    # the separate metrics port of the same process serves the same registry
+    port_page = scrape(f"http://127.0.0.1:{metrics_proxy.metrics_port}/metrics")
+    for (task, tier), count in served.items():
+        assert value(port_page, "routenlp_requests_total", task=task, tier=tier) == \
+            value(after, "routenlp_requests_total", task=task, tier=tier)
