@@ -48,7 +48,7 @@ from .request_fields import (RequestError, forwarded_params, query_text, resolve
                              validate_request, write_back_task)
 from .router_model import RouterArtifactError, RouterModel
 from .routing import RoutingDecision, choose_tier, healthy_fallback
-from .spend_tags import tag_call, task_label
+from .spend_tags import call_metadata, tag_routed_call, task_label
 from .streaming import chunks_from_response, collect_stream
 from .thresholds import Thresholds, ThresholdsError
 from .uncertainty import response_uncertainty
@@ -321,9 +321,16 @@ class RouteNLPCallback(CustomLogger):
         decision.tier, decision.wanted_tier, decision.reason = tier, wanted, reason
         decision.healthy_tiers = sorted(by_tier)
         state["decision"] = decision.to_dict()
-        tag_call(metadata, self.tier_names.get(tier, f"T{tier}"), self._task_label(state["decision"]),
-                 degraded=tier != wanted)  # read by LiteLLM when it logs the call (spend_tags.py)
         return by_tier[tier]
+
+    async def async_pre_call_deployment_hook(self, kwargs: dict, call_type: Any) -> Optional[dict]:
+        """Spend tags of the call about to be made: after deployment choice and LiteLLM's tag routing."""
+        metadata = call_metadata(kwargs, self.settings.model_alias)
+        if metadata is not None:
+            state = self._state({"metadata": metadata})
+            tag_routed_call(metadata, state["decision"] if state else None, self._pinned_tier(metadata) is not None,
+                            self.tier_names, self.settings)
+        return None
 
     def _task_label(self, decision: dict[str, Any]) -> str:
         return task_label(decision.get("task"), decision.get("task_status"), self.settings.tasks)
@@ -394,7 +401,6 @@ class RouteNLPCallback(CustomLogger):
             "routenlp_tier": self.tier_names.get(tier, f"T{tier}"),
             "routenlp_previous_uncertainty": previous.uncertainty,
         }
-        tag_call(metadata, self.tier_names.get(tier, f"T{tier}"), self._task_label(state["decision"]), escalated=True)
         started = time.perf_counter()
         response = await self.llm_router.acompletion(
             model=self.settings.model_alias, messages=data["messages"], metadata=metadata,

@@ -5,16 +5,21 @@ and adds the call's cost to ``LiteLLM_DailyTagSpend`` per tag, which ``/spend/ta
 and the admin UI's tag views read.  A tag per tier / task / escalation therefore makes the operator's
 existing spend reports show what the router did, with no report of ours in between.
 
-When the tags are written matters (verified in litellm 1.106.2):
+When and where the tags are written matters (verified in litellm 1.106.2):
 
 * ``litellm_core_utils/litellm_logging.py`` ``StandardLoggingPayloadSetup.get_request_tags`` reads
   ``litellm_params["metadata"]["tags"]`` when the success (or failure) event is logged, i.e. after the call;
   ``proxy/spend_tracking/spend_tracking_utils.py`` ``get_logging_payload`` stores that list as the row's
-  ``request_tags``.
-* ``litellm_params["metadata"]`` is the very dict the ``Router`` hands to ``async_filter_deployments``
-  as ``request_kwargs["metadata"]`` (the same object, not a copy), so a tag list assigned there, where
-  the served tier is first known, is the one the spend row gets.  The pre-call hook is too early (no tier
-  yet); ``tests/test_spend_tags.py`` checks the whole chain with LiteLLM's own row builder.
+  ``request_tags``.  ``litellm_params["metadata"]`` is the request's own metadata dict (the same object
+  the Router's hooks see, not a copy), so tags assigned before the call reach the row.
+* Not in ``async_filter_deployments``: ``router.py`` runs LiteLLM's tag routing (``get_deployments_for_tag``)
+  *after* the callbacks' filters, so with ``router_settings.enable_tag_filtering`` our tags would count as
+  routing tags and an untagged deployment list would be refused ("Not allowed to access model due to tags
+  configuration").  The plugin tags in ``async_pre_call_deployment_hook`` instead (``utils.py``: run once
+  per deployment call, after the deployment is chosen, before it is called; a retry runs it again), where
+  ``metadata["model_info"]`` names the deployment actually called, so the tier tag is the served tier.
+  The pre-call hook is too early (no tier yet).  ``tests/test_spend_tags.py`` checks the whole chain
+  with LiteLLM's own row builder, tag filtering on and off.
 
 A client cannot spoof these tags: the pre-call hook drops every ``routenlp-*`` tag a client sent
 (``request_fields.strip_client_plugin_fields``) and :func:`with_routing_tags` rebuilds the plugin's part
@@ -23,7 +28,9 @@ of the list from the plugin's own decision every time it runs (a retry on anothe
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
+
+from .request_fields import RequestError, resolve_task
 
 TAG_PREFIX = "routenlp-"
 TIER_TAG = TAG_PREFIX + "tier:"
@@ -72,3 +79,35 @@ def tag_call(metadata: dict[str, Any], tier_name: str, task: str, escalated: boo
     """Set ``metadata["tags"]`` for one call the plugin makes or steers."""
     metadata["tags"] = with_routing_tags(metadata.get("tags"),
                                          routing_tags(tier_name, task, escalated=escalated, degraded=degraded))
+
+
+def call_metadata(kwargs: Mapping[str, Any], alias: str) -> Optional[dict[str, Any]]:
+    """The metadata dict of a deployment call to ``alias`` (``metadata`` or ``litellm_metadata``), else None."""
+    for holder in ("metadata", "litellm_metadata"):
+        metadata = kwargs.get(holder)
+        if isinstance(metadata, dict) and metadata.get("model_group") == alias:
+            return metadata
+    return None
+
+
+def tag_routed_call(metadata: dict[str, Any], decision: Optional[Mapping[str, Any]], escalated: bool,
+                    tier_names: Mapping[int, str], settings: Any) -> None:
+    """Tag a call whose deployment LiteLLM has chosen: its tier (from the deployment), task, and whether it
+    is one of the plugin's escalations or served below/above the tier the router wanted (degraded).
+
+    ``decision`` is the plugin's sealed routing decision of the request (None on an escalation call,
+    whose task is re-resolved from the whitelisted ``task`` field the same way the door resolves it)."""
+    tier = (metadata.get("model_info") or {}).get("routenlp_tier")
+    if not isinstance(tier, int) or isinstance(tier, bool):
+        return
+    if decision is not None:
+        task = task_label(decision.get("task"), decision.get("task_status"), settings.tasks)
+    else:
+        try:
+            name, status = resolve_task(metadata, settings)
+        except RequestError:
+            name, status = None, "missing"
+        task = task_label(name, status, settings.tasks)
+    wanted = decision.get("wanted_tier") if decision is not None else None
+    degraded = not escalated and isinstance(wanted, int) and wanted != tier
+    tag_call(metadata, tier_names.get(tier, f"T{tier}"), task, escalated=escalated, degraded=degraded)

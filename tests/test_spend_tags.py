@@ -88,14 +88,14 @@ def mock_deployments(uncertain_tiers=(), without=()) -> list[dict]:
     return out
 
 
-async def one_request(callback, router, call_id: str, task: str = "banking77") -> dict:
+async def one_request(callback, router, call_id: str, task: str = "banking77", tags=tuple(CLIENT_TAGS)) -> dict:
     """A client request through the plugin's hooks in the proxy's order; the client's tags include spoofs."""
     from litellm.proxy._types import UserAPIKeyAuth
 
     key = UserAPIKeyAuth(api_key="sk-hashed", key_alias="team-a", models=["routenlp"])
     callback._llm_router = router
     data = {"model": "routenlp", "litellm_call_id": call_id, "messages": [{"role": "user", "content": QUERY}],
-            "metadata": {"task": task, "tags": list(CLIENT_TAGS), "user_api_key_alias": "team-a"}}
+            "metadata": {"task": task, "tags": list(tags), "user_api_key_alias": "team-a"}}
     data = await callback.async_pre_call_hook(key, None, data, "completion")
     first = await router.acompletion(model=data["model"], messages=data["messages"], metadata=data["metadata"],
                                      litellm_call_id=call_id, logprobs=True)
@@ -227,3 +227,34 @@ def test_tags_in_the_spend_logs_table_and_litellms_spend_by_tag_view(traffic, po
     assert by_tag["routenlp-tier:T4"][1] > by_tag["routenlp-tier:T1"][1] > 0   # spend per tier, LiteLLM's view
     for spoof in ("routenlp-tier:T4 ", " ROUTENLP-escalated"):
         assert spoof not in by_tag
+
+
+def test_our_tags_do_not_take_part_in_litellms_tag_routing(tmp_path, monkeypatch) -> None:
+    """With ``enable_tag_filtering`` LiteLLM routes on ``metadata.tags`` after the callbacks' filters; tags
+    written there would make untagged deployments refuse the request.  Ours come after routing."""
+    import litellm
+    from litellm.integrations.custom_logger import CustomLogger
+
+    callback = _callback(tmp_path)
+    captured: list[list[str]] = []
+
+    class TagRoutingCapture(CustomLogger):  # a fresh class: the first test's logger stays registered in LiteLLM
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            captured.append(kwargs["standard_logging_object"]["request_tags"])
+
+    monkeypatch.setattr(litellm, "callbacks", [callback, TagRoutingCapture()])
+
+    async def run():
+        router = litellm.Router(model_list=mock_deployments(), num_retries=0, enable_tag_filtering=True)
+        # only spoofed tags (dropped at the door): a client tag no deployment has would be refused by
+        # LiteLLM's tag routing whatever we do
+        headers = await one_request(callback, router, "call-tag-routing", tags=["routenlp-tier:T4"])
+        for _ in range(100):
+            if captured:
+                break
+            await asyncio.sleep(0.05)
+        return headers
+
+    headers = asyncio.run(run())
+    tier = headers["x-routenlp-path"].split(",")[0]
+    assert captured and captured[0] == routing_tags(tier, "banking77"), captured
