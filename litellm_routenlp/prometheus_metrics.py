@@ -69,7 +69,16 @@ def observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any],
     """Count one answered request: its tier, escalations, hops, uncertainties, router time, degradation.
 
     ``decision`` is the routing decision (``RoutingDecision.to_dict``), ``outcome`` the plugin's
-    ``state["result"]`` (``path`` and ``uncertainties`` aligned, tiers as numbers)."""
+    ``state["result"]`` (``path`` and ``uncertainties`` aligned, tiers as numbers).  Never raises: the
+    request is answered and recorded by now, and a metric must not turn it into an error."""
+    try:
+        _observe_answer(task, decision, outcome, tier_names, router_available)
+    except Exception:
+        logger.exception("RouteNLP: updating Prometheus metrics failed")
+
+
+def _observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any], tier_names: dict[int, str],
+                    router_available: bool) -> None:
     name = lambda tier: tier_names.get(tier, f"T{tier}")  # noqa: E731
     path = [tier for tier in outcome.get("path") or [] if isinstance(tier, int)]
     final = outcome.get("final_tier")
@@ -96,7 +105,10 @@ def observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any],
 
 def observe_failure(task: str) -> None:
     """A request of ours that ended without an answer."""
-    FALLBACKS.labels(task=task, event="request_failed").inc()
+    try:
+        FALLBACKS.labels(task=task, event="request_failed").inc()
+    except Exception:
+        logger.exception("RouteNLP: updating Prometheus metrics failed")
 
 
 def _scrape_registry() -> CollectorRegistry:

@@ -228,3 +228,11 @@ def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metr
     for (task, tier), count in served.items():
         assert value(port_page, "routenlp_requests_total", task=task, tier=tier) == \
             value(after, "routenlp_requests_total", task=task, tier=tier)
+
+
+def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
+    before = pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"})
+    pm.observe_answer("bitext", {"router_ms": "not-a-number", "tier": 2}, {"final_tier": 2, "path": [2],
+                                                                            "uncertainties": ["bad"]}, {2: "T2"})
+    assert "updating Prometheus metrics failed" in caplog.text
+    assert pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"}) == before + 1  # counted first
