@@ -88,7 +88,8 @@ def build_torch_router(router, max_length: int):
     tokenizer = Tokenizer.from_file(str(router.encoder.encoder_dir / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=max_length)
     tokenizer.no_padding()
-    head = _build_head(len(router.tasks), len(router.tiers), 0.0)
+    head = _build_head(len(router.tasks), len(router.tiers), 0.0,
+                       acceptance=not router.acceptance_is_fallback)  # format 2 heads carry the acceptance layer
     head.load_state_dict(load_file(str(router.artifact_dir / "weights.safetensors")))
     head.eval()
 

@@ -7,7 +7,14 @@
    ``artifacts/router`` (what the proxy serves: the router's decision costs well under a
    millisecond) and on MiniLM -> ``artifacts/router-minilm`` (the slower alternative; the latency
    benchmark compares the two);
-4. ``calibrate`` on the calibration part, under the served router -> ``artifacts/thresholds.json``.
+4. ``calibrate`` on the calibration part, under the served router -> ``artifacts/thresholds.json``
+   (the paper's rule, the proxy's default policy), and ``calibrate_cascade_routing`` on the same part
+   -> ``artifacts/policy-cascade-routing.json`` (the certified cascade routing policy; serve it with
+   ``thresholds_path: artifacts/policy-cascade-routing.json``).
+
+Labelling is the slow step (about 13-20 minutes on 2 cores, SmolLM2 answering bitext); with
+``relabel=False`` an existing ``artifacts/labels/demo_allpairs.jsonl`` is reused, so retraining and
+recalibrating take seconds.
 """
 
 from __future__ import annotations
@@ -30,16 +37,19 @@ def is_calibration_id(query_id: str, fraction: float = 0.4) -> bool:
 
 
 def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_config.yaml",
-                      per_task: int = 250, seed: int = 0) -> None:
-    from calibration.calibrate import calibrate
+                      per_task: int = 250, seed: int = 0, relabel: bool = True) -> None:
+    from calibration.calibrate import calibrate, calibrate_cascade_routing
     from coopt.allpairs import load_portfolio, read_allpairs, write_allpairs
     from coopt.train_router import train_router
 
     artifacts = Path(artifacts)
     labels_dir = artifacts / "labels"
     labelled = labels_dir / "demo_allpairs.jsonl"
-    examples = iter_examples(DEMO_TASKS, "test", per_task, seed=seed)
-    asyncio.run(label_examples(config_path, examples, labelled, concurrency=2, max_tokens=MAX_TOKENS))
+    if relabel or not labelled.is_file():
+        examples = iter_examples(DEMO_TASKS, "test", per_task, seed=seed)
+        asyncio.run(label_examples(config_path, examples, labelled, concurrency=2, max_tokens=MAX_TOKENS))
+    else:
+        print(f"reusing the labels in {labelled} (relabel with --relabel)")
     portfolio = load_portfolio(artifacts / "portfolio.yaml")
     records = read_allpairs(labelled, portfolio)
     train_part = [r for r in records if not is_calibration_id(r.id)]
@@ -54,3 +64,7 @@ def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_co
     result = calibrate(calib_path, portfolio, router_artifact=artifacts / "router", alpha=0.05,
                        out_path=artifacts / "thresholds.json")
     print(json.dumps(result.get("thresholds", {}), indent=1))
+    policy = calibrate_cascade_routing(calib_path, portfolio, router_artifact=artifacts / "router",
+                                       out_path=artifacts / "policy-cascade-routing.json", seed=seed)
+    for task, entry in policy["tasks"].items():
+        print(f"cascade_routing {task}: {(entry.get('certificate') or {}).get('message')}")

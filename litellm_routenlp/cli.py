@@ -116,7 +116,7 @@ def _cmd_build_artifacts(args: argparse.Namespace) -> int:
     if args.router:
         from coopt.demo_router import build_demo_router
 
-        build_demo_router(artifacts, config_path=args.config, per_task=args.per_task)
+        build_demo_router(artifacts, config_path=args.config, per_task=args.per_task, relabel=not args.reuse_labels)
     missing = [p for p in (artifacts / "router" / "router.json", artifacts / "thresholds.json") if not p.exists()]
     if missing:
         print("missing: " + ", ".join(map(str, missing)) + " (run `make router`)", file=sys.stderr)
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--config", default="proxy_config.yaml")
     p.add_argument("--router", action="store_true", help="also relabel + retrain + recalibrate the demo router")
+    p.add_argument("--reuse-labels", action="store_true",
+                   help="with --router: reuse artifacts/labels/demo_allpairs.jsonl instead of relabelling (seconds, not minutes)")
     p.add_argument("--per-task", type=int, default=250, help="queries labelled per task for --router")
     p.set_defaults(func=_cmd_build_artifacts)
 

@@ -150,7 +150,9 @@ class RouterModel:
         self._task_index = {task: position for position, task in enumerate(self.tasks)}
         self.embedding_dim = int((meta.get("head") or {}).get("embedding_dim", 384))
         self._outputs = [output.name for output in session.get_outputs()]
-        self._accept_index = self._outputs.index("acceptance") if "acceptance" in self._outputs else None
+        # the metadata decides: a format-1 router.json declares no acceptance output, whatever the graph holds
+        declared = meta.get("format_version", 1) >= 2 and "acceptance" in self._outputs
+        self._accept_index = self._outputs.index("acceptance") if declared else None
 
     @property
     def acceptance_is_fallback(self) -> bool:
