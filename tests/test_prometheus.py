@@ -68,25 +68,22 @@ def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_
     callback = _callback(tmp_path)
     decision = callback.decide([{"role": "user", "content": QUERY}], {"task": "banking77"})
     wanted, _ = choose_tier(decision.probabilities, [1, 3, 4], callback.settings.route_confidence)
+    assert wanted < 4, "the probe query must start below the top tier for the cascade to run"
     monkeypatch.setattr(litellm, "callbacks", [callback])
-
-    def sample(name, **labels):
-        return pm.sample(name, labels)
-
-    before = {
-        "t1": sample("routenlp_requests_total", task="banking77", tier="T1"),
-        "t4": sample("routenlp_requests_total", task="banking77", tier="T4"),
-        "e13": sample("routenlp_escalations_total", task="banking77", from_tier="T1", to_tier="T3"),
-        "e34": sample("routenlp_escalations_total", task="banking77", from_tier="T3", to_tier="T4"),
-        "hops_n": sample("routenlp_cascade_hops_count", task="banking77"),
-        "hops_sum": sample("routenlp_cascade_hops_sum", task="banking77"),
-        "hops_0": sample("routenlp_cascade_hops_bucket", task="banking77", le="0.0"),
-        "u_t1": sample("routenlp_uncertainty_count", task="banking77", tier="T1"),
-        "u_t1_low": sample("routenlp_uncertainty_bucket", task="banking77", tier="T1", le="0.05"),
-        "router_n": sample("routenlp_router_latency_seconds_count", task="banking77"),
-        "degraded": sample("routenlp_degraded_total", task="banking77", wanted_tier=f"T{wanted}",
-                           served_tier="T3"),
+    tiers = ["T1", "T2", "T3", "T4"]
+    series = {  # every series these requests can touch, read before and after
+        **{("routenlp_requests_total", ("tier", t)): {"task": "banking77", "tier": t} for t in tiers},
+        **{("routenlp_escalations_total", a, b): {"task": "banking77", "from_tier": a, "to_tier": b}
+           for a in tiers for b in tiers},
+        **{("routenlp_uncertainty_count", t): {"task": "banking77", "tier": t} for t in tiers},
+        ("routenlp_cascade_hops_count",): {"task": "banking77"},
+        ("routenlp_cascade_hops_sum",): {"task": "banking77"},
+        ("routenlp_cascade_hops_bucket", "0"): {"task": "banking77", "le": "0.0"},
+        ("routenlp_router_latency_seconds_count",): {"task": "banking77"},
+        **{("routenlp_degraded_total", t): {"task": "banking77", "wanted_tier": f"T{wanted}", "served_tier": t}
+           for t in tiers},
     }
+    before = {key: pm.sample(key[0], labels) for key, labels in series.items()}
 
     async def traffic():
         plain = await one_request(callback, litellm.Router(model_list=mock_deployments(), num_retries=0), "m-plain")
@@ -94,30 +91,28 @@ def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_
             callback, litellm.Router(model_list=mock_deployments(uncertain_tiers=(1, 2, 3)), num_retries=0), "m-esc")
         degraded = await one_request(
             callback, litellm.Router(model_list=mock_deployments(without=(wanted,)), num_retries=0), "m-deg")
-        return plain, escalated, degraded
+        return [h["x-routenlp-path"].split(",") for h in (plain, escalated, degraded)]
 
-    plain, escalated, degraded = asyncio.run(traffic())
-    assert plain["x-routenlp-path"] == "T1" and escalated["x-routenlp-path"] == "T1,T3,T4", (plain, escalated)
-    degraded_path = degraded["x-routenlp-path"].split(",")
-    assert wanted == 1 and degraded_path[0] == "T3"   # T1 down: a structured task falls back to T3
+    paths = asyncio.run(traffic())
+    plain, escalated, degraded = paths
+    assert plain == [f"T{wanted}"] and len(escalated) >= 2 and escalated[-1] == "T4", paths
+    assert degraded[0] != f"T{wanted}", paths           # its wanted tier was down
+    delta = {key: pm.sample(key[0], labels) - before[key] for key, labels in series.items()}
 
-    def delta(key, name, **labels):
-        return sample(name, **labels) - before[key]
-
-    assert delta("t1", "routenlp_requests_total", task="banking77", tier="T1") == 1
-    assert delta("t4", "routenlp_requests_total", task="banking77", tier="T4") == \
-        1 + (degraded_path[-1] == "T4")
-    assert delta("e13", "routenlp_escalations_total", task="banking77", from_tier="T1", to_tier="T3") == 1
-    assert delta("e34", "routenlp_escalations_total", task="banking77", from_tier="T3", to_tier="T4") == \
-        1 + (degraded_path == ["T3", "T4"])
-    assert delta("hops_n", "routenlp_cascade_hops_count", task="banking77") == 3
-    assert delta("hops_sum", "routenlp_cascade_hops_sum", task="banking77") == 2 + len(degraded_path) - 1
-    assert delta("hops_0", "routenlp_cascade_hops_bucket", task="banking77", le="0.0") == 1   # the plain one
-    # T1 answered twice (plain: u ~ 0.001, escalated: u ~ 0.95)
-    assert delta("u_t1", "routenlp_uncertainty_count", task="banking77", tier="T1") == 2
-    assert delta("u_t1_low", "routenlp_uncertainty_bucket", task="banking77", tier="T1", le="0.05") == 1
-    assert delta("router_n", "routenlp_router_latency_seconds_count", task="banking77") == 3
-    assert delta("degraded", "routenlp_degraded_total", task="banking77", wanted_tier="T1", served_tier="T3") == 1
+    expected = {key: 0.0 for key in series}
+    for path in paths:
+        expected[("routenlp_requests_total", ("tier", path[-1]))] += 1
+        for low, high in zip(path, path[1:]):
+            expected[("routenlp_escalations_total", low, high)] += 1
+        for tier in path:                                  # every tier answered with logprobs
+            expected[("routenlp_uncertainty_count", tier)] += 1
+        expected[("routenlp_cascade_hops_sum",)] += len(path) - 1
+    expected[("routenlp_cascade_hops_count",)] = 3
+    expected[("routenlp_cascade_hops_bucket", "0")] = sum(len(path) == 1 for path in paths)
+    expected[("routenlp_router_latency_seconds_count",)] = 3
+    expected[("routenlp_degraded_total", degraded[0])] = 1
+    assert delta == expected
+    assert sum(v for k, v in delta.items() if k[0] == "routenlp_escalations_total") >= 1
 
 
 def test_metrics_port_serves_the_counters_on_loopback() -> None:
