@@ -28,6 +28,7 @@ import yaml
 from litellm_routenlp import prometheus_metrics as pm
 from litellm_routenlp.proxy_process import ProxyProcess, free_port
 
+from test_client_input import SPEND_PROBE
 from test_spend_tags import QUERY, _callback, mock_deployments, one_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +171,9 @@ def metrics_proxy(tmp_path_factory):
     work = tmp_path_factory.mktemp("metrics_proxy")
     document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
     document["model_list"] = mock_deployments(uncertain_tiers=(1, 3))
-    document["litellm_settings"] = {"callbacks": ["litellm_routenlp.proxy_hook.routenlp", "prometheus"]}
+    (work / "spend_probe.py").write_text(SPEND_PROBE)   # the rows LiteLLM's SpendLogs writer would store
+    document["litellm_settings"] = {"callbacks": ["litellm_routenlp.proxy_hook.routenlp", "prometheus",
+                                                  "spend_probe.probe"]}
     settings = document["routenlp_settings"]
     settings["router_artifact"] = str(ROOT / "artifacts/router")
     settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
@@ -178,8 +181,10 @@ def metrics_proxy(tmp_path_factory):
     settings["metrics_port"] = free_port()
     config = work / "proxy_config.yaml"
     config.write_text(yaml.safe_dump(document, sort_keys=False))
-    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT)
+    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
+                           env={"SPEND_PROBE_PATH": str(work / "spend_rows.jsonl")})
     process.start(timeout=240)
+    process.spend_rows = work / "spend_rows.jsonl"
     process.metrics_port = settings["metrics_port"]
     yield process
     process.stop()
@@ -196,13 +201,14 @@ def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metr
     with pytest.raises(urllib.error.HTTPError, match="401"):
         scrape(metrics_proxy.base_url + "/metrics")
     before = scrape(metrics_proxy.base_url + "/metrics", metrics_proxy.master_key)
-    served, hops = Tally(), Tally()
+    served, hops, paths = Tally(), Tally(), {}
     for task in ("banking77", "clinc150"):
         for example in get_task(task).load("test", limit=3, seed=5):
             raw = client.chat.completions.with_raw_response.create(
                 model="routenlp", messages=[{"role": "user", "content": example.text}], metadata={"task": task},
                 max_tokens=8)
             path = raw.headers["x-routenlp-path"].split(",")
+            paths[raw.headers["x-litellm-call-id"]] = (task, path)
             served[(task, path[-1])] += 1
             for low, high in zip(path, path[1:]):
                 hops[(task, low, high)] += 1
@@ -231,3 +237,29 @@ def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
                                                                             "uncertainties": ["bad"]}, {2: "T2"})
     assert "updating Prometheus metrics failed" in caplog.text
     assert pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"}) == before + 1  # counted first
+
+    # the real proxy's spend rows carry the tags: tier of the deployment called, task, escalated re-asks
+    import json
+    import time
+
+    deadline, rows = time.time() + 15, []
+    while time.time() < deadline:
+        rows = [json.loads(line) for line in metrics_proxy.spend_rows.read_text().splitlines()] \
+            if metrics_proxy.spend_rows.exists() else []
+        if len(rows) >= sum(len(p) for _, p in paths.values()):
+            break
+        time.sleep(0.2)
+    seen = Tally()
+    for row in rows:
+        metadata = row["metadata"] if isinstance(row["metadata"], dict) else json.loads(row["metadata"])
+        parent = (metadata.get("spend_logs_metadata") or {}).get("routenlp_parent_call_id")
+        call_id = parent or row["request_id"]
+        if call_id not in paths:
+            continue
+        task, path = paths[call_id]
+        tags = [t for t in json.loads(row["request_tags"]) if t.startswith("routenlp-")]
+        tier = "T" + row["model_id"][-1]
+        assert tags == [f"routenlp-tier:{tier}", f"routenlp-task:{task}"] + (["routenlp-escalated"] if parent else []), \
+            (row["model_id"], tags)
+        seen[(call_id, tier)] += 1
+    assert seen == Tally({(c, t): 1 for c, (_, p) in paths.items() for t in p}), seen
