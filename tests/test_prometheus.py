@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections import Counter as Tally
@@ -208,7 +210,7 @@ def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metr
                 model="routenlp", messages=[{"role": "user", "content": example.text}], metadata={"task": task},
                 max_tokens=8)
             path = raw.headers["x-routenlp-path"].split(",")
-            paths[raw.headers["x-litellm-call-id"]] = (task, path)
+            paths[raw.headers["x-routenlp-request-id"]] = (task, path)   # the plugin's id (issue 11)
             served[(task, path[-1])] += 1
             for low, high in zip(path, path[1:]):
                 hops[(task, low, high)] += 1
@@ -230,18 +232,7 @@ def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metr
         assert value(port_page, "routenlp_requests_total", task=task, tier=tier) == \
             value(after, "routenlp_requests_total", task=task, tier=tier)
 
-
-def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
-    before = pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"})
-    pm.observe_answer("bitext", {"router_ms": "not-a-number", "tier": 2}, {"final_tier": 2, "path": [2],
-                                                                            "uncertainties": ["bad"]}, {2: "T2"})
-    assert "updating Prometheus metrics failed" in caplog.text
-    assert pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"}) == before + 1  # counted first
-
     # the real proxy's spend rows carry the tags: tier of the deployment called, task, escalated re-asks
-    import json
-    import time
-
     deadline, rows = time.time() + 15, []
     while time.time() < deadline:
         rows = [json.loads(line) for line in metrics_proxy.spend_rows.read_text().splitlines()] \
@@ -252,8 +243,9 @@ def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
     seen = Tally()
     for row in rows:
         metadata = row["metadata"] if isinstance(row["metadata"], dict) else json.loads(row["metadata"])
-        parent = (metadata.get("spend_logs_metadata") or {}).get("routenlp_parent_call_id")
-        call_id = parent or row["request_id"]
+        links = metadata.get("spend_logs_metadata") or {}
+        parent = links.get("routenlp_parent_request_id")
+        call_id = parent or links.get("routenlp_request_id")
         if call_id not in paths:
             continue
         task, path = paths[call_id]
@@ -263,3 +255,11 @@ def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
             (row["model_id"], tags)
         seen[(call_id, tier)] += 1
     assert seen == Tally({(c, t): 1 for c, (_, p) in paths.items() for t in p}), seen
+
+
+def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
+    before = pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"})
+    pm.observe_answer("bitext", {"router_ms": "not-a-number", "tier": 2}, {"final_tier": 2, "path": [2],
+                                                                            "uncertainties": ["bad"]}, {2: "T2"})
+    assert "updating Prometheus metrics failed" in caplog.text
+    assert pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"}) == before + 1  # counted first
