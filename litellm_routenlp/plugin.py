@@ -47,11 +47,13 @@ from .pricing import call_cost
 from .request_fields import (RequestError, forwarded_params, query_text, resolve_task, strip_client_plugin_fields,
                              validate_request, write_back_task)
 from .router_model import RouterArtifactError, RouterModel
-from .routing import RoutingDecision, choose_tier, healthy_fallback
+from .policy import PolicyError, StartState, check_fitted_under, policy_from_document, read_policy_document, \
+    router_sha256
+from .routing import RoutingDecision, healthy_fallback
 from .spend_tags import call_metadata, tag_routed_call, task_label
 from .streaming import chunks_from_response, collect_stream
 from .thresholds import Thresholds, ThresholdsError
-from .uncertainty import response_uncertainty
+from .uncertainty import response_margin, response_uncertainty
 
 logger = logging.getLogger("litellm_routenlp")
 
@@ -108,12 +110,21 @@ class RouteNLPCallback(CustomLogger):
 
     def __init__(self, settings: RouteNLPSettings, tier_table: TierTable, router: Optional[RouterModel],
                  thresholds: Optional[Thresholds], decision_log: DecisionLog,
-                 llm_router: Any = None) -> None:
+                 llm_router: Any = None, policy: Any = None) -> None:
         super().__init__()
         self.settings = settings
         self.tiers = tier_table
         self.router = router
         self.thresholds = thresholds
+        # the one decision policy (litellm_routenlp.policy): start tier and every escalation
+        self.policy = policy if policy is not None else policy_from_document(
+            {"thresholds": None}, settings, where="routenlp_settings")
+        if policy is None and thresholds is not None:
+            from .policy import ConformalThresholds
+
+            self.policy = ConformalThresholds(thresholds, route_confidence=settings.route_confidence,
+                                              max_hops=settings.max_hops,
+                                              no_logprobs_policy=settings.no_logprobs_policy)
         self.decision_log = decision_log
         self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
         encoder = router.encoder if router is not None else None
@@ -166,15 +177,15 @@ class RouteNLPCallback(CustomLogger):
             raise SettingsError(
                 f"routenlp_settings.router_artifact: the router predicts {len(router.tiers)} tiers "
                 f"({router.tiers}) but `{settings.model_alias}` has {tier_table.count} in model_list")
-        thresholds = None
+        thresholds, policy = None, None
         if settings.thresholds_path is not None:
             try:
-                thresholds = Thresholds.load(settings.thresholds_path)
-            except ThresholdsError as error:
+                thresholds, policy = load_serving_policy(settings, router)
+            except (ThresholdsError, PolicyError) as error:
                 if not settings.fail_open:
                     raise SettingsError(f"routenlp_settings.thresholds_path: {error}") from None
-                # without trustworthy thresholds the cheap tiers' answers cannot be checked: top tier only
-                logger.warning("RouteNLP: thresholds unusable (%s); fail_open=true, routing EVERYTHING to "
+                # without a trustworthy policy the cheap tiers' answers cannot be checked: top tier only
+                logger.warning("RouteNLP: policy file unusable (%s); fail_open=true, routing EVERYTHING to "
                                "the top tier", error)
                 router = None
         if router is not None:
@@ -184,7 +195,7 @@ class RouteNLPCallback(CustomLogger):
                                "embedding", unknown)
         prometheus_metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
         return cls(settings, tier_table, router, thresholds, DecisionLog(settings.decision_log_path),
-                   llm_router=llm_router)
+                   llm_router=llm_router, policy=policy)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -205,6 +216,7 @@ class RouteNLPCallback(CustomLogger):
         so a 5 MB prompt costs what a 4 KB one does here."""
         task, status = resolve_task(metadata, self.settings)
         started = time.perf_counter()
+        acceptance: Optional[list[float]] = None
         if self.router is None or (status != "known" and self.settings.unknown_task_policy == "top_tier"):
             probabilities = [0.0] * (self.tiers.count - 1) + [1.0]
         else:
@@ -212,8 +224,10 @@ class RouteNLPCallback(CustomLogger):
             encoder = self.router.encoder
             if encoder is not None:  # the same cut the encoder makes; no 5 MB string goes further
                 text = text[:encoder.max_chars]
-            probabilities = [float(p) for p in self.router.predict_proba([text], [task or ""])[0]]
-        return RoutingDecision(task=task, task_status=status, probabilities=probabilities,
+            route, accept = self.router.predict_both([text], [task or ""])  # one head run, both outputs
+            probabilities = [float(p) for p in route[0]]
+            acceptance = [float(p) for p in accept[0]]
+        return RoutingDecision(task=task, task_status=status, probabilities=probabilities, acceptance=acceptance,
                                router_ms=(time.perf_counter() - started) * 1000.0)
 
     def _state(self, data: Optional[dict]) -> Optional[dict[str, Any]]:
@@ -314,7 +328,13 @@ class RouteNLPCallback(CustomLogger):
         if not by_tier:
             return healthy_deployments if decision.task is None else []
         configured = [t for t in range(1, self.tiers.count + 1) if self.tiers.eligible(t, decision.task)]
-        wanted, reason = choose_tier(decision.probabilities, configured, self.settings.route_confidence)
+        start = self.policy.start(StartState(
+            task=decision.task if decision.task_status == "known" else None, available_tiers=tuple(configured),
+            route_probabilities=tuple(decision.probabilities),
+            acceptance=None if decision.acceptance is None else tuple(decision.acceptance)))
+        wanted, reason = start.tier, start.reason
+        decision.start_estimates = None if start.estimates is None else [round(v, 6) for v in start.estimates]
+        decision.lam = start.lam
         tier = healthy_fallback(wanted, list(by_tier), self._fallback_direction(decision))
         if tier != wanted:
             reason += f"; T{wanted} unavailable, served by T{tier}"
@@ -379,7 +399,8 @@ class RouteNLPCallback(CustomLogger):
         tier, model_id = self._tier_of_response(response)
         return TierAnswer(tier=tier or fallback_tier or self.tiers.count, response=response,
                           uncertainty=response_uncertainty(response), cost_usd=self._cost_of(response, model_id, usage),
-                          latency_ms=latency_ms, model_id=model_id)
+                          latency_ms=latency_ms, model_id=model_id, margin=response_margin(response),
+                          text=answer_text(response))
 
     async def _escalate(self, data: dict, state: dict, tier: int, previous: TierAnswer) -> TierAnswer:
         """Re-ask the same question at ``tier`` through the proxy's router, linked to the parent call."""
@@ -416,7 +437,7 @@ class RouteNLPCallback(CustomLogger):
             available_tiers=lambda: self._healthy_tiers(decision.task),
             ask=lambda tier: self._escalate(data, state, tier, first),
             max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy,
-            budget_usd=remaining)
+            budget_usd=remaining, policy=self.policy, acceptance=decision.acceptance)
 
     async def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool,
                       cost_known: bool = True) -> None:
@@ -457,7 +478,11 @@ class RouteNLPCallback(CustomLogger):
                 "reason": decision.get("reason"),
                 "healthy_tiers": [self.tier_names.get(t) for t in decision.get("healthy_tiers", [])],
                 "router_ms": decision.get("router_ms"),
+                "acceptance": (None if decision.get("acceptance") is None
+                               else dict(zip(self.tier_names.values(), decision["acceptance"]))),
             },
+            "policy": {"name": self.policy.name, "lambda": decision.get("lam"),
+                       "start_estimates": decision.get("start_estimates"), "stop_reason": result.stop_reason},
             "attempts": attempts,
             "final_tier": self.tier_names.get(result.final.tier),
             "total_cost_usd": result.total_cost_usd,
@@ -646,6 +671,39 @@ class RouteNLPCallback(CustomLogger):
         state["recorded"] = True
         prometheus_metrics.observe_failure(self._task_label(state["decision"]))
         return None
+
+
+def load_serving_policy(settings: RouteNLPSettings, router: Optional[RouterModel]) -> tuple[Optional[Thresholds], Any]:
+    """The policy file named by ``thresholds_path``: its thresholds (paper rule) and the policy object.
+
+    The file records what it was fitted under (router sha256, quantisation, max_hops,
+    no_logprobs_policy, route_confidence, task specs); serving under anything else would void what
+    calibration measured, so a mismatch is refused, naming the fields."""
+    path = Path(settings.thresholds_path)
+    document = read_policy_document(path)
+    # the paper's rule needs its thresholds mapping (Thresholds validates it, naming the field)
+    paper_rule = document.get("policy", "conformal_thresholds") == "conformal_thresholds"
+    thresholds = Thresholds.load(path) if paper_rule or document.get("thresholds") else None
+    policy = policy_from_document(document, settings, where=str(path), base=path.parent)
+    sha = router_sha256(router.artifact_dir) if router is not None else None
+    mismatched = check_fitted_under(document, settings, sha)
+    if mismatched:
+        fitted = document.get("fitted_under") or {}
+        raise PolicyError(f"{path}: fitted under other settings than these: {', '.join(mismatched)} "
+                          f"(fitted under: router_sha256={fitted.get('router_sha256')}, "
+                          f"router_quantized={fitted.get('router_quantized')}, max_hops={fitted.get('max_hops')}, "
+                          f"no_logprobs_policy={fitted.get('no_logprobs_policy')}, "
+                          f"route_confidence={fitted.get('route_confidence')}); re-run `routenlp calibrate` "
+                          "under the serving settings")
+    return thresholds, policy
+
+
+def answer_text(response: Any) -> Optional[str]:
+    """The first choice's text (for agreement between tiers' answers); None when there is none."""
+    choices = getattr(response, "choices", None) or []
+    message = getattr(choices[0], "message", None) if choices else None
+    content = getattr(message, "content", None)
+    return content if isinstance(content, str) else None
 
 
 def header_value(value: Any, limit: int = 500) -> str:

@@ -419,6 +419,11 @@ class CascadeRouting:
 # ----------------------------------------------------------------------------------------- the file
 
 
+def read_policy_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The policy file as a dict; a missing, truncated or non-object file is a :class:`PolicyError`."""
+    return _read_json(Path(path))
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text())

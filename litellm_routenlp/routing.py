@@ -26,6 +26,9 @@ class RoutingDecision:
     reason: str = ""
     router_ms: float = 0.0
     healthy_tiers: list[int] = field(default_factory=list)
+    acceptance: Optional[list[float]] = None   # ex-ante P(tier k acceptable), k = 1..K (cascade_routing)
+    start_estimates: Optional[list[float]] = None   # the policy's per-tier estimates at the start
+    lam: Optional[float] = None                # cascade_routing: the task's certified lambda
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,6 +53,9 @@ def proxy(tmp_path_factory):
     texts = probe_queries()
     probabilities = router.predict_proba(texts, ["bitext"] * len(texts))
     settings["route_confidence"] = float(np.median(probabilities[:, 0] + probabilities[:, 1]))
+    # the policy file must say it was fitted under the setting it is served with (the proxy checks)
+    thresholds["fitted_under"]["route_confidence"] = settings["route_confidence"]
+    (work / "thresholds.json").write_text(json.dumps(thresholds))
     settings["router_artifact"] = str(ROOT / "artifacts/router")
     settings["thresholds_path"] = str(work / "thresholds.json")
     settings["decision_log_path"] = str(work / "decisions.jsonl")
