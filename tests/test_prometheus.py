@@ -31,7 +31,7 @@ from litellm_routenlp import prometheus_metrics as pm
 from litellm_routenlp.proxy_process import ProxyProcess, free_port
 
 from test_client_input import SPEND_PROBE
-from test_spend_tags import QUERY, _callback, mock_deployments, one_request
+from test_spend_tags import _callback, mock_deployments, one_request
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,12 +66,7 @@ def test_every_metric_is_registered_with_litellm_style_names() -> None:
 def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_plugin(tmp_path, monkeypatch):
     import litellm
 
-    from litellm_routenlp.routing import choose_tier
-
     callback = _callback(tmp_path)
-    decision = callback.decide([{"role": "user", "content": QUERY}], {"task": "banking77"})
-    wanted, _ = choose_tier(decision.probabilities, [1, 3, 4], callback.settings.route_confidence)
-    assert wanted < 4, "the probe query must start below the top tier for the cascade to run"
     monkeypatch.setattr(litellm, "callbacks", [callback])
     tiers = ["T1", "T2", "T3", "T4"]
     series = {  # every series these requests can touch, read before and after
@@ -83,20 +78,22 @@ def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_
         ("routenlp_cascade_hops_sum",): {"task": "banking77"},
         ("routenlp_cascade_hops_bucket", "0"): {"task": "banking77", "le": "0.0"},
         ("routenlp_router_latency_seconds_count",): {"task": "banking77"},
-        **{("routenlp_degraded_total", t): {"task": "banking77", "wanted_tier": f"T{wanted}", "served_tier": t}
-           for t in tiers},
+        **{("routenlp_degraded_total", w, t): {"task": "banking77", "wanted_tier": w, "served_tier": t}
+           for w in tiers for t in tiers},
     }
     before = {key: pm.sample(key[0], labels) for key, labels in series.items()}
 
     async def traffic():
         plain = await one_request(callback, litellm.Router(model_list=mock_deployments(), num_retries=0), "m-plain")
+        wanted = int(plain["x-routenlp-path"][1:])   # all tiers healthy: served = wanted
+        assert wanted < 4, "the probe query must start below the top tier for the cascade to run"
         escalated = await one_request(
             callback, litellm.Router(model_list=mock_deployments(uncertain_tiers=(1, 2, 3)), num_retries=0), "m-esc")
         degraded = await one_request(
             callback, litellm.Router(model_list=mock_deployments(without=(wanted,)), num_retries=0), "m-deg")
-        return [h["x-routenlp-path"].split(",") for h in (plain, escalated, degraded)]
+        return wanted, [h["x-routenlp-path"].split(",") for h in (plain, escalated, degraded)]
 
-    paths = asyncio.run(traffic())
+    wanted, paths = asyncio.run(traffic())
     plain, escalated, degraded = paths
     assert plain == [f"T{wanted}"] and len(escalated) >= 2 and escalated[-1] == "T4", paths
     assert degraded[0] != f"T{wanted}", paths           # its wanted tier was down
@@ -113,7 +110,7 @@ def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_
     expected[("routenlp_cascade_hops_count",)] = 3
     expected[("routenlp_cascade_hops_bucket", "0")] = sum(len(path) == 1 for path in paths)
     expected[("routenlp_router_latency_seconds_count",)] = 3
-    expected[("routenlp_degraded_total", degraded[0])] = 1
+    expected[("routenlp_degraded_total", f"T{wanted}", degraded[0])] = 1
     assert delta == expected
     assert sum(v for k, v in delta.items() if k[0] == "routenlp_escalations_total") >= 1
 

@@ -119,18 +119,14 @@ def traffic(tmp_path_factory):
         async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
             captured.append((kwargs, response_obj, start_time, end_time))
 
-    decision = callback.decide([{"role": "user", "content": QUERY}], {"task": "banking77"})
-    configured = [1, 3, 4]  # the tiers banking77 may use (T2 serves bitext only)
-    from litellm_routenlp.routing import choose_tier
-
-    wanted, _ = choose_tier(decision.probabilities, configured, callback.settings.route_confidence)
     saved = list(litellm.callbacks)
     litellm.callbacks = [callback, Capture()]
     headers = {}
     try:
-        async def run() -> None:
+        async def run() -> int:
             headers["plain"] = await one_request(
                 callback, litellm.Router(model_list=mock_deployments(), num_retries=0), "call-plain")
+            wanted = int(headers["plain"]["x-routenlp-path"][1:])   # all tiers healthy: served = wanted
             headers["escalated"] = await one_request(
                 callback, litellm.Router(model_list=mock_deployments(uncertain_tiers=(1, 2, 3)), num_retries=0),
                 "call-escalated")
@@ -142,8 +138,9 @@ def traffic(tmp_path_factory):
                 if len(captured) >= expected:
                     break
                 await asyncio.sleep(0.05)
+            return wanted
 
-        asyncio.run(run())
+        wanted = asyncio.run(run())
     finally:
         litellm.callbacks = saved
     rows = [dict(get_logging_payload(kwargs=k, response_obj=r, start_time=s, end_time=e)) for k, r, s, e in captured]
