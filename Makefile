@@ -31,7 +31,7 @@ router: artifacts
 	$(BIN)/routenlp build-artifacts --router
 
 demo: artifacts
-	$(BIN)/python -m litellm_routenlp.demo --config proxy_config.yaml --port $(PORT)
+	$(BIN)/python -m routenlp_cli.demo --config proxy_config.yaml --port $(PORT)
 
 serve: artifacts
 	LITELLM_MASTER_KEY=$${LITELLM_MASTER_KEY:-sk-routenlp-$$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')} ; \

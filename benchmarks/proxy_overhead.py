@@ -201,7 +201,7 @@ def main() -> int:
                              "share of plain LiteLLM's best closed-loop throughput (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     texts = [e.text for e in get_task("banking77").load("test", limit=500, seed=9)]
     bodies = [json.dumps({"model": "routenlp", "messages": [{"role": "user", "content": t}],

@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     half = args.requests // 2
     queries = [("banking77", e.text) for e in get_task("banking77").load("test", limit=half, seed=5)]

@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
     from litellm_routenlp.router_model import RouterModel
 
     load_before = os.getloadavg()

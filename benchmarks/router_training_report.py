@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from calibration.calibrate import (calibrate, deltas_of, evaluate_thresholds, fit_thresholds,  # noqa: E402
                                    router_start_tiers)
-from coopt.allpairs import AllPairsRecord, Portfolio, cheapest_acceptable_tier  # noqa: E402
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, cheapest_acceptable_tier  # noqa: E402
 from coopt.multimodel import load_cascades_9llm, load_routellm_evals, load_routerbench  # noqa: E402
 from coopt.train_router import EmbeddingCache, sha256_file, train_router  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def centroid_accuracy(encoder, task: str) -> float:
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     spec = get_task(task)
     train, test = spec.load("train", limit=3000, seed=0), spec.load("test", limit=500, seed=0)
@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--untuned", type=Path, default=None, help="an untuned static table, for comparison")
     args = parser.parse_args()
 
-    from coopt.tasks import TASKS, get_task
+    from routenlp_core.tasks import TASKS, get_task
     from litellm_routenlp.encoder import OnnxSentenceEncoder
 
     encoders = {"static": OnnxSentenceEncoder(args.static), "minilm": OnnxSentenceEncoder(args.minilm, quantized=False)}

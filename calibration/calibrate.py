@@ -35,7 +35,7 @@ import numpy as np
 
 from calibration.conformal import (ESCALATE_ALL_DELTA, InsufficientCalibrationError, fit_delta, fit_delta_risk,
                                    violation_rate, wilson_interval)
-from coopt.allpairs import (AllPairsRecord, Portfolio, data_sha256, load_portfolio, read_allpairs,
+from routenlp_core.allpairs import (AllPairsRecord, Portfolio, data_sha256, load_portfolio, read_allpairs,
                             records_sha256, tier_values)
 from litellm_routenlp.policy import ConformalThresholds, PolicyAnswer, fitted_under, replay
 from litellm_routenlp.routing import choose_tier

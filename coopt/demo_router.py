@@ -39,7 +39,7 @@ def is_calibration_id(query_id: str, fraction: float = 0.4) -> bool:
 def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_config.yaml",
                       per_task: int = 250, seed: int = 0, relabel: bool = True) -> None:
     from calibration.calibrate import calibrate, calibrate_cascade_routing
-    from coopt.allpairs import load_portfolio, read_allpairs, write_allpairs
+    from routenlp_core.allpairs import load_portfolio, read_allpairs, write_allpairs
     from coopt.train_router import train_router
 
     artifacts = Path(artifacts)

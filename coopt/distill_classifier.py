@@ -49,7 +49,7 @@ def embed(texts: Sequence[str], base_root: Path, progress: bool = True, desc: st
 
 def base_training_rows(task: str, base_root: Path, limit: Optional[int] = None) -> tuple[list[Any], dict[str, Any]]:
     """The rows the base classifier of ``task`` was fitted on (from its JSON), and that JSON."""
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
     from routenlp_standins.artifacts import read_tensors_and_meta
 
     _, meta = read_tensors_and_meta(Path(base_root), "classifier", task)
@@ -68,7 +68,7 @@ def distill_classifier(task: str, items: Sequence[Any], base_root: str | Path, o
     iterations too when distillation accumulates).  ``base_limit`` shrinks the base rows (tests).
     Returns a report: counts, how often the old and the new head agree with the teacher on the items.
     """
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
     from routenlp_standins.classifier import ClassifierTier, build_classifier
 
     if weight < 1:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from coopt.allpairs import AllPairsRecord, Portfolio, acceptable
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, acceptable
 
 CHEAP_TIERS = ("T1", "T2")
 

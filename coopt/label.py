@@ -2,7 +2,7 @@
 
 The tiers are the deployments of the config's alias, called through LiteLLM exactly as the proxy calls
 them (local stand-ins in-process, or any real vLLM/OpenAI deployment the config names).  Output is the
-all-pairs JSONL format (``coopt.allpairs``).  Bounded concurrency, a progress bar, resumable: queries
+all-pairs JSONL format (``routenlp_core.allpairs``).  Bounded concurrency, a progress bar, resumable: queries
 already in the output file are skipped, and a per-tier error is recorded in the record instead of
 stopping the run.
 """
@@ -96,11 +96,11 @@ def _done_ids(out_path: Path) -> set[str]:
 
 async def label_examples(config_path: str | Path, examples: Sequence[Any], out_path: str | Path,
                          concurrency: int = 2, max_tokens: int = 64, progress: bool = True) -> int:
-    """Label ``examples`` (coopt.tasks.TaskExample) with every tier; append to ``out_path``. Returns count."""
+    """Label ``examples`` (routenlp_core.tasks.TaskExample) with every tier; append to ``out_path``. Returns count."""
     from tqdm.auto import tqdm
 
-    from coopt.allpairs import append_allpairs, parse_record
-    from coopt.tasks import get_task
+    from routenlp_core.allpairs import append_allpairs, parse_record
+    from routenlp_core.tasks import get_task
 
     router, tiers, served = tier_router(config_path)
     out = Path(out_path)
@@ -140,7 +140,7 @@ async def label_examples(config_path: str | Path, examples: Sequence[Any], out_p
 
 def label_task(config_path: str | Path, task: str, split: str, limit: Optional[int], out_path: str | Path,
                seed: int = 0, concurrency: int = 2, max_tokens: int = 64) -> int:
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     examples = get_task(task).load(split, limit=limit, seed=seed)
     return asyncio.run(label_examples(config_path, examples, out_path, concurrency=concurrency,
@@ -148,7 +148,7 @@ def label_task(config_path: str | Path, task: str, split: str, limit: Optional[i
 
 
 def iter_examples(tasks: Iterable[str], split: str, limit: Optional[int], seed: int = 0) -> list[Any]:
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     out: list[Any] = []
     for task in tasks:

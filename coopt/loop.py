@@ -210,7 +210,7 @@ def query_pools(settings: CooptSettings) -> dict[str, dict[str, list[Any]]]:
     The router set is drawn from the sample the shipped demo router was labelled on (so those labels
     can be reused); evaluation and traffic come from the rest of the test split, shuffled with the seed.
     """
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     pools: dict[str, dict[str, list[Any]]] = {}
     for task in settings.tasks:
@@ -251,7 +251,7 @@ class Pipeline:
     """The real Algorithm-1 steps on a proxy config's tiers (see module docstring)."""
 
     def __init__(self, settings: CooptSettings, progress: bool = True, log: Callable[[str], None] = print) -> None:
-        from coopt.allpairs import load_portfolio
+        from routenlp_core.allpairs import load_portfolio
 
         self.settings = settings
         self.progress = progress
@@ -270,7 +270,7 @@ class Pipeline:
 
     def _base_records(self, name: str) -> list[Any]:
         """The ``router`` or ``eval`` set answered by every base tier (labelled once, then reused)."""
-        from coopt.allpairs import append_allpairs, read_allpairs
+        from routenlp_core.allpairs import append_allpairs, read_allpairs
         from coopt.label import label_examples
 
         examples = [e for task in self.settings.tasks for e in self.pools[task][name]]
@@ -299,7 +299,7 @@ class Pipeline:
     def _fit_and_measure(self, out_dir: Path, router_records: Sequence[Any], eval_records: Sequence[Any],
                          timings: dict[str, float]) -> dict[str, Any]:
         from calibration.calibrate import calibrate, deltas_of
-        from coopt.allpairs import write_allpairs
+        from routenlp_core.allpairs import write_allpairs
         from coopt.demo_router import is_calibration_id
         from coopt.evaluate import evaluate, outcome_dicts, tier_quality
         from coopt.train_router import train_router
@@ -432,7 +432,7 @@ class Pipeline:
         """(tier name, method) of the cheap tiers of the config that can be distilled into for ``task``."""
         from coopt.failures import top_tier
         from coopt.label import tier_router
-        from coopt.tasks import get_task
+        from routenlp_core.tasks import get_task
 
         _, names, served = tier_router(self.settings.config)
         teacher = top_tier(self.settings.config, task)
@@ -501,7 +501,7 @@ class Pipeline:
 
     def rebuild(self, previous: Path, out_dir: Path, changed: set[str], timings: dict[str, float]) -> dict[str, Any]:
         """Step 7: relabel the changed tiers on both sets, retrain, recalibrate, replay."""
-        from coopt.allpairs import read_allpairs
+        from routenlp_core.allpairs import read_allpairs
         from coopt.relabel import relabel_tiers
 
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Three public sets answer every query with several real LLMs (see each folder's PROVENANCE.md under
 the shared data directory).  Each loader picks a few of those models as tiers T1..Tn, cheapest
-first, and returns ``(records, portfolio)`` in the one all-pairs format of :mod:`coopt.allpairs`,
+first, and returns ``(records, portfolio)`` in the one all-pairs format of :mod:`routenlp_core.allpairs`,
 so training, calibration and the benchmarks read them exactly like data a user labels themselves.
 
 * :func:`load_cascades_9llm` - MedMCQA / TruthfulQA answered by 9 LLMs with real cost, latency and a
@@ -25,8 +25,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from coopt.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec
-from coopt.paths import data_dir as default_data_dir
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec
+from routenlp_core.paths import data_dir as default_data_dir
 from litellm_routenlp.uncertainty import token_uncertainty
 
 csv.field_size_limit(1 << 30)  # RouterBench cells hold whole generations

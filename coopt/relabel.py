@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from coopt.allpairs import AllPairsRecord, read_allpairs
+from routenlp_core.allpairs import AllPairsRecord, read_allpairs
 
 
 def config_with_tiers(config_path: str | os.PathLike[str], tiers: Sequence[str], out_path: Path) -> Path:
@@ -54,7 +54,7 @@ def relabel_tiers(records: Sequence[AllPairsRecord], config_path: str | os.PathL
     ``work_dir`` keeps the labeller's output (resumable); a temporary directory otherwise.
     """
     from coopt.label import label_examples
-    from coopt.tasks import TaskExample
+    from routenlp_core.tasks import TaskExample
 
     tiers = sorted(set(tiers))
     if not tiers or not records:

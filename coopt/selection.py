@@ -80,7 +80,7 @@ def select_targeted(failures: Sequence[Any], clustering: Mapping[str, Any], pool
     any budget); a text answer, cut at the failure-scoring budget, is asked again by
     :func:`fill_teacher_outputs` with the distillation budget.
     """
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     if not 0.0 < hard_fraction <= 1.0:
         raise ValueError(f"hard_fraction must lie in (0, 1], got {hard_fraction}")

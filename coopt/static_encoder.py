@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from litellm_routenlp.hashing import sha256_file
+from routenlp_core.hashing import sha256_file
 
 STATIC_NAME = "routenlp/static-minilm"
 
@@ -95,7 +95,7 @@ DEFAULT_TUNE_TASKS = ("banking77", "clinc150", "bitext", "fin_ner", "ectsum", "c
 
 def tuning_corpus(tasks: Sequence[str], per_task: int, seed: int = 0) -> list[str]:
     """Distinct texts of the *train* splits of ``tasks`` (at most ``per_task`` each)."""
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     texts: list[str] = []
     for name in tasks:

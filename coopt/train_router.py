@@ -8,7 +8,7 @@ still gets a sensible, task-agnostic prediction.
 
 Loss = L_route + 0.3 L_cost + 0.5 L_quality + 1.0 L_accept:
   L_route   cross-entropy to the cheapest acceptable tier (when none is acceptable: the cheapest tier
-            with the best quality, see ``coopt.allpairs.routing_target``);
+            with the best quality, see ``routenlp_core.allpairs.routing_target``);
   L_cost    expected normalised tier cost under the softmax (tier mean cost / top tier's, per task);
   L_quality sum_k p_k * max(0, tau - q_k): probability mass on tiers that fail this very query;
   L_accept  binary cross-entropy of a second output, K sigmoids a_k = P(tier k's answer is
@@ -49,8 +49,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from litellm_routenlp.hashing import sha256_file  # noqa: F401  (re-exported for coopt users)
-from coopt.allpairs import (UNKNOWN_TASK, AllPairsRecord, Portfolio, cheapest_acceptable_tier, data_sha256,
+from routenlp_core.hashing import sha256_file  # noqa: F401  (re-exported for coopt users)
+from routenlp_core.allpairs import (UNKNOWN_TASK, AllPairsRecord, Portfolio, cheapest_acceptable_tier, data_sha256,
                             load_portfolio, read_allpairs, records_sha256, routing_target, tier_values)
 
 FORMAT_VERSION = 2  # 2: the head has the ``acceptance`` output (version 1 routers still load)
@@ -184,7 +184,7 @@ def frozen_embeddings(texts: Sequence[str], encoder_dir: Union[str, os.PathLike[
 
 def _dir_hint(encoder_dir: Path) -> str:
     """The encoder directory relative to the project root when it lies inside it (portable)."""
-    from coopt.paths import project_root
+    from routenlp_core.paths import project_root
 
     try:
         return str(encoder_dir.resolve().relative_to(project_root().resolve()))
@@ -494,8 +494,8 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
     """Train the router on an all-pairs file (or records) and write the artifact to ``out_dir``.
 
     ``target`` is the label rule for queries no tier answers acceptably: ``"best_quality"`` (default,
-    :func:`coopt.allpairs.routing_target`: the cheapest tier with the best quality) or
-    ``"top_tier"`` (:func:`coopt.allpairs.cheapest_acceptable_tier`, the oracle's definition).
+    :func:`routenlp_core.allpairs.routing_target`: the cheapest tier with the best quality) or
+    ``"top_tier"`` (:func:`routenlp_core.allpairs.cheapest_acceptable_tier`, the oracle's definition).
 
     ``lr`` defaults to 1e-3 for the frozen-encoder head and to the paper's 2e-5 for ``finetune``.
     Early stopping keeps the epoch with the lowest validation loss (patience ``patience``).
@@ -528,7 +528,7 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
             embeddings, encoder_info = frozen_embeddings(prepared.texts, encoder_dir, cache_path)
             embedding_table = torch.from_numpy(embeddings)
         else:
-            from coopt.export_encoder import minilm_model_path
+            from routenlp_core.paths import minilm_model_path
 
             source = minilm_model_path()
             encoder = _build_finetune_encoder(source, finetune_max_length)

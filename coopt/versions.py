@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from litellm_routenlp.hashing import sha256_file
+from routenlp_core.hashing import sha256_file
 from typing import Any, Iterator, Optional
 
 import yaml

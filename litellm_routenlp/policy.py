@@ -488,7 +488,7 @@ def load_estimator(document: Mapping[str, Any], base: Optional[Path], where: str
         return PosteriorEstimator.from_dict(raw["inline"])
     if "path" not in raw:
         raise PolicyError(f"{where}: posterior needs `inline` or `path`")
-    from .hashing import sha256_file
+    from routenlp_core.hashing import sha256_file
 
     path = Path(raw["path"])
     if not path.is_absolute() and base is not None:
@@ -551,7 +551,7 @@ def load_policy(source: Any) -> Any:
 
 def router_sha256(artifact_dir: str | os.PathLike[str]) -> str:
     """The router's identity: sha256 of its ``router.json`` (which pins every graph's sha256)."""
-    from .hashing import sha256_file
+    from routenlp_core.hashing import sha256_file
 
     return sha256_file(Path(artifact_dir) / "router.json")
 

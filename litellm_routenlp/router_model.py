@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .hashing import sha256_file
+from routenlp_core.hashing import sha256_file
 
 from litellm_routenlp.encoder import PROBE_TOLERANCE, EncoderArtifactError, OnnxSentenceEncoder, probe_distance
 

@@ -2,7 +2,7 @@
 
 Per task: the T1 classifier head (single-label tasks) and the T3 k-NN index; once: the T2 SmolLM2
 transformers-format copy.  T4 (replay) needs no artifact: it reads the task data through
-``coopt.tasks`` when first used.  What already exists is skipped unless ``force``; every artifact's
+``routenlp_core.tasks`` when first used.  What already exists is skipped unless ``force``; every artifact's
 JSON records the settings it was built with, so a subset build (the tests use one when nothing is
 built yet) is visible as such -- rebuild it with ``--force`` for serving.
 
@@ -64,7 +64,7 @@ def _applicable(tier: str, task: str) -> bool:
 def _build_task(root: Path, task: str, tiers: Sequence[str], settings: BuildSettings, minilm: Any,
                 progress: bool) -> dict[str, Any]:
     """Encode the rows ``task`` needs once, then build the requested tiers from the embeddings."""
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     from routenlp_standins.classifier import build_classifier
     from routenlp_standins.retrieval import build_retrieval

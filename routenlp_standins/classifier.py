@@ -34,7 +34,7 @@ DEFAULT_C = 10.0
 
 def check_classifiable(task_name: str) -> list[str]:
     """The task's labels if the classifier can serve it, else :class:`UnsupportedTaskError`."""
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     spec = get_task(task_name)
     labels = spec.labels()

@@ -199,7 +199,7 @@ class LocalTiers(CustomLLM):
         """The request's task; only the classifier refuses a missing or unknown one (it cannot generate).
 
         Other tiers treat an unknown task like no task: see :meth:`_serving_tier`."""
-        from coopt.tasks import UnknownTaskError, get_task
+        from routenlp_core.tasks import UnknownTaskError, get_task
 
         task = request_task(litellm_params)
         if task is None:

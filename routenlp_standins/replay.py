@@ -37,7 +37,7 @@ class ReplayTier:
     """Recorded answers of one task; ``retrieval()`` supplies the fallback tier only when first needed."""
 
     def __init__(self, task_name: str, retrieval: Callable[[], "RetrievalTier"]) -> None:
-        from coopt.tasks import get_task
+        from routenlp_core.tasks import get_task
 
         spec = get_task(task_name)
         self.task = task_name

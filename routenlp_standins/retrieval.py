@@ -36,11 +36,11 @@ BITEXT_FILE = ("bitext_customer_support", "bitext_customer_support_4514.csv")
 def vote_groups(task_name: str, examples: Sequence[Any]) -> list[str]:
     """What the neighbours vote on for each example: the gold label, or bitext's customer intent.
 
-    ``coopt.tasks`` exposes bitext's instruction and response only, so the intent is joined from the
+    ``routenlp_core.tasks`` exposes bitext's instruction and response only, so the intent is joined from the
     same CSV by the row index in the example id (``bitext-<split>-<row>``); the instruction text is
     checked so a change in the loader's row numbering fails loudly instead of mislabelling.
     """
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     spec = get_task(task_name)
     if spec.labels() is not None and spec.metric == "accuracy":
@@ -49,7 +49,7 @@ def vote_groups(task_name: str, examples: Sequence[Any]) -> list[str]:
         raise UnsupportedTaskError(
             f"task {task_name!r}: the retrieval stand-in needs labels or intent groups to vote on "
             "(supported: single-label classification tasks and bitext)")
-    from coopt.paths import data_dir
+    from routenlp_core.paths import data_dir
 
     path = data_dir().joinpath(*BITEXT_FILE)
     with open(path, newline="", encoding="utf-8") as handle:
@@ -93,7 +93,7 @@ def build_retrieval(root: Path, task_name: str, examples: Sequence[Any], embeddi
     Test accuracy is measured for label tasks only (bitext is scored by BERTScore, which the
     all-pairs runner computes, not the build).
     """
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     started = time.perf_counter()
     spec = get_task(task_name)

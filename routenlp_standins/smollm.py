@@ -143,7 +143,7 @@ def task_messages(messages: Sequence[dict[str, Any]], task_name: Optional[str]) 
     plain = [{"role": str(message.get("role", "user")), "content": message_text(message)} for message in messages]
     if task_name is None:
         return plain
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     instruction = get_task(task_name).system_prompt()
     client_system = [message["content"] for message in plain if message["role"] == "system"]
@@ -258,7 +258,7 @@ class SmolLM2Tier:
                                                        return_dict=True)["input_ids"])
         if task_name is None or chat[0]["role"] != "system" or len(chat) < 2:
             return ids, 0
-        from coopt.tasks import get_task
+        from routenlp_core.tasks import get_task
 
         if chat[0]["content"] != get_task(task_name).system_prompt():
             return ids, 0

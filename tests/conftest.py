@@ -23,7 +23,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from coopt.paths import data_dir as resolve
+    from routenlp_core.paths import data_dir as resolve
 
     path = resolve()
     if not path.is_dir():

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopt.allpairs import (AllPairsError, AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, acceptable,
+from routenlp_core.allpairs import (AllPairsError, AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, acceptable,
                             append_allpairs, cheapest_acceptable_tier, data_sha256, load_portfolio, read_allpairs,
                             tier_values, write_allpairs, write_portfolio)
-from coopt.paths import data_dir
+from routenlp_core.paths import data_dir
 
 CASCADES = data_dir() / "cascades_9llm"
 pytestmark = pytest.mark.skipif(not CASCADES.is_dir(), reason=f"shared data not found at {CASCADES}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopt.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, write_allpairs, write_portfolio
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, write_allpairs, write_portfolio
 from coopt.bench.data import BenchData
 from coopt.bench.metrics import Routes, cost_ratio, per_query, quality_ratio, summarise, tier_shares
 from coopt.bench.routenlp import policy_routes
@@ -51,7 +51,7 @@ def tiny(tmp_path_factory) -> BenchData:
                for i, task, q, u, c in ROWS]
     write_allpairs(records, folder / "tiny.jsonl")
     write_portfolio(portfolio, folder / "tiny.yaml")
-    from coopt.allpairs import load_portfolio
+    from routenlp_core.allpairs import load_portfolio
 
     data = load_bench_data([folder / "tiny.jsonl"], load_portfolio(folder / "tiny.yaml"))
     data.embeddings = np.eye(6, 384, dtype=np.float32)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopt.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, write_allpairs, write_portfolio
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, write_allpairs, write_portfolio
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODER = ROOT / "artifacts" / "encoder"
@@ -65,7 +65,7 @@ def _recompute_ratio(data_path: Path, decisions: list[dict], system: str, top: s
 
 def test_bench_cli_on_a_file_a_user_brings(tmp_path):
     from coopt.bench.systems import SYSTEMS
-    from litellm_routenlp.cli import main
+    from routenlp_cli.cli import main
 
     data_path, portfolio_path = _synthetic_file(tmp_path)
     out = tmp_path / "out"
@@ -97,7 +97,7 @@ def test_bench_cli_on_a_file_a_user_brings(tmp_path):
 
 
 def test_bench_rejects_data_and_dataset_together(tmp_path, capsys):
-    from litellm_routenlp.cli import main
+    from routenlp_cli.cli import main
 
     status = main(["bench", "--data", "x.jsonl", "--portfolio", "p.yaml", "--dataset", "routerbench",
                    "--out", str(tmp_path)])

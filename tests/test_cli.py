@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopt.allpairs import Portfolio, TierSpec, data_sha256, write_allpairs, write_portfolio
-from coopt.paths import data_dir, project_root
+from routenlp_core.allpairs import Portfolio, TierSpec, data_sha256, write_allpairs, write_portfolio
+from routenlp_core.paths import data_dir, project_root
 
 ENCODER_DIR = project_root() / "artifacts" / "encoder"
 pytestmark = [
@@ -40,7 +40,7 @@ def _env() -> dict[str, str]:
 
 
 def routenlp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "litellm_routenlp.cli", *args], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "routenlp_cli.cli", *args], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=600)
 
 

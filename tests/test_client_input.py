@@ -128,7 +128,7 @@ def stream_chunks(text: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def easy_banking77(http):
     """A held-out banking77 query the router sends to T1 and T1 keeps (path ``T1``)."""
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     for example in get_task("banking77").load("test", limit=40, seed=5):
         status, _, _, headers = post(http, body(example.text, "banking77"))
@@ -185,7 +185,7 @@ def spend_rows(proxy) -> list[dict]:
 
 def test_3_client_sent_links_and_tags_are_stripped_and_the_reader_trusts_only_plugin_links(http, proxy):
     from coopt.logs import join_spend_logs, read_decision_log, tier_names_by_model_id
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     query = get_task("clinc150").load("test", limit=1, seed=2)[0].text
     status, _, text, victim_headers = post(http, body(query, "clinc150"))  # T1 escalates (delta 0)
@@ -310,7 +310,7 @@ def test_6_a_padded_task_name_is_the_configured_task(http, proxy, easy_banking77
 @pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "include-usage"])
 @pytest.mark.parametrize("task", ["banking77", "bitext"])  # buffered cascade / passthrough (off)
 def test_7_a_stream_costs_what_the_same_request_costs_without_streaming(http, proxy, task, usage):
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     query = get_task(task).load("test", limit=1, seed=8)[0].text
     status, _, text, plain = post(http, body(query, task, max_tokens=6))
@@ -336,7 +336,7 @@ def test_7_a_stream_costs_what_the_same_request_costs_without_streaming(http, pr
 @pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked"])
 @pytest.mark.parametrize("task", ["bitext", "no-such-task"])  # cascade_streaming off / unknown task
 def test_8_passthrough_streams_carry_logprobs_only_when_asked(http, proxy, task, asked):
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     query = get_task("bitext").load("test", limit=1, seed=3)[0].text
     extra = {"stream": True, **({"logprobs": True} if asked else {})}

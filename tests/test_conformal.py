@@ -15,8 +15,8 @@ from calibration.calibrate import (calibrate, deltas_of, evaluate_thresholds, ro
                                    select_calibration_queries)
 from calibration.conformal import (InsufficientCalibrationError, fit_delta, fit_delta_risk, violation_rate,
                                    wilson_interval)
-from coopt.allpairs import TierResult, tier_values
-from coopt.paths import data_dir, project_root
+from routenlp_core.allpairs import TierResult, tier_values
+from routenlp_core.paths import data_dir, project_root
 
 ENCODER_DIR = project_root() / "artifacts" / "encoder"
 HAVE_DATA = (data_dir() / "cascades_9llm").is_dir()
@@ -129,7 +129,7 @@ def test_thresholds_file_has_the_contract_shape_and_the_proxy_reads_it(tmp_path)
         assert set(cell) == {"delta", "n", "n_correct", "violation", "wilson_95"}
         assert cell["n"] == 258 and len(cell["wilson_95"]) == 2
         assert (cell["delta"] is None) == (tier == "T4")
-    from coopt.allpairs import data_sha256, write_allpairs, write_portfolio
+    from routenlp_core.allpairs import data_sha256, write_allpairs, write_portfolio
 
     allpairs_path = write_allpairs(calibration_set, tmp_path / "calib.jsonl")
     from_files = calibrate(allpairs_path, write_portfolio(portfolio, tmp_path / "p.yaml"))

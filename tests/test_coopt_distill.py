@@ -36,7 +36,7 @@ def artifacts() -> Path:
 
 def test_label_distillation_teaches_the_classifier_the_teachers_labels_and_the_tier_serves_it(artifacts, tmp_path):
     from coopt.distill_classifier import distill_classifier, embed
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
     from routenlp_standins import tiers as registry
     from routenlp_standins.classifier import ClassifierTier
 
@@ -71,7 +71,7 @@ def test_a_few_lora_steps_lower_the_distillation_loss_and_the_adapter_loads_back
     import torch
 
     from coopt.distill_lora import HUB_BASE_MODEL, LoraSettings, adapter_loss, load_student, train_lora
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
     from routenlp_standins import tiers as registry
 
     rows = get_task("bitext").load("train", limit=4, seed=5)

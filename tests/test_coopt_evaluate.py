@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopt.allpairs import AllPairsRecord, TierResult, portfolio_from_dict
+from routenlp_core.allpairs import AllPairsRecord, TierResult, portfolio_from_dict
 from coopt.evaluate import replay_cascade, start_tiers, summarise
 from coopt.logs import RequestRecord, TierCall
 from litellm_routenlp.thresholds import Thresholds
@@ -89,7 +89,7 @@ def artifacts_env(repo_root: Path):
 
 def test_failures_are_scored_against_the_top_tiers_answer_through_litellm(repo_root: Path, artifacts_env) -> None:
     from coopt.failures import score_failures, top_tier
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     rows = get_task("banking77").load("test", limit=6, seed=4)
     records = [RequestRecord(request_id=f"r{i}", task="banking77", prompt=row.text, source="decision_log",

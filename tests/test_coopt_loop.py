@@ -139,7 +139,7 @@ def test_targeted_over_random_is_the_ratio_of_cost_reductions() -> None:
 
 def test_cli_steps_read_logs_status_and_rollback(tmp_path: Path, capsys, repo_root: Path) -> None:
     from coopt.logs import read_requests
-    from litellm_routenlp.cli import main
+    from routenlp_cli.cli import main
     from litellm_routenlp.decision_log import DecisionLog
 
     log = DecisionLog(tmp_path / "decisions.jsonl", fsync=False)

@@ -69,7 +69,7 @@ def http(proxy):
 
 @pytest.fixture(scope="module")
 def texts():
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     return {task: [e.text for e in get_task(task).load("test", limit=60, seed=4)] for task in TASKS}
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coopt.allpairs import load_portfolio, read_allpairs
-from coopt.paths import data_dir, project_root
+from routenlp_core.allpairs import load_portfolio, read_allpairs
+from routenlp_core.paths import data_dir, project_root
 
 ROOT = project_root()
 ARTIFACTS = ROOT / "artifacts"
@@ -36,7 +36,7 @@ def label(config: Path, out: Path, limit: int, cwd: Path) -> subprocess.Complete
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                 "TOKENIZERS_PARALLELISM": "false", "ROUTENLP_ARTIFACTS_DIR": str(ARTIFACTS)})
-    return subprocess.run([sys.executable, "-m", "litellm_routenlp.cli", "label", "--config", str(config),
+    return subprocess.run([sys.executable, "-m", "routenlp_cli.cli", "label", "--config", str(config),
                            "--task", "banking77", "--split", "test", "--limit", str(limit), "--out", str(out)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -46,7 +46,7 @@ def _ids(path: Path) -> list[str]:
 
 
 def _expected_ids(limit: int) -> set[str]:
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     return {example.id for example in get_task("banking77").load("test", limit=limit, seed=0)}
 

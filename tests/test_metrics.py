@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from seqeval.metrics import f1_score
 
-from coopt import metrics
-from coopt.tasks import get_task
+from routenlp_core import metrics
+from routenlp_core.tasks import get_task
 
 
 def test_label_accuracy_ignores_case_quotes_punctuation_and_underscores():

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from coopt.allpairs import read_allpairs, tier_values, write_allpairs
+from routenlp_core.allpairs import read_allpairs, tier_values, write_allpairs
 from coopt.multimodel import (MultiModelDataError, ROUTELLM_PRICES, ROUTELLM_STRONG, ROUTELLM_WEAK, combine,
                               estimate_tokens, load_cascades_9llm, load_routellm_evals, load_routerbench)
-from coopt.paths import data_dir
+from routenlp_core.paths import data_dir
 
 DATA = data_dir()
 pytestmark = pytest.mark.skipif(not (DATA / "cascades_9llm").is_dir(), reason=f"shared data not found at {DATA}")

@@ -23,7 +23,7 @@ import pytest
 
 from coopt.ops_report import build_report, load_requests, parse_when, parse_window, render_html, wilson
 from litellm_routenlp.cascade import Attempt
-from litellm_routenlp.cli import main
+from routenlp_cli.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDED = ROOT / "tests/data/ops_report_decisions.jsonl"

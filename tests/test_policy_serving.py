@@ -92,7 +92,7 @@ def cascade_proxy(tmp_path_factory):
 def test_the_real_proxy_serves_cascade_routing_and_logs_every_estimate(cascade_proxy):
     from openai import OpenAI
 
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     client = OpenAI(base_url=cascade_proxy.base_url, api_key=cascade_proxy.master_key, timeout=300, max_retries=0)
     queries = [(task, example.text) for task in ("banking77", "clinc150")

@@ -193,7 +193,7 @@ def metrics_proxy(tmp_path_factory):
 def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metrics_proxy) -> None:
     from openai import OpenAI
 
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     client = OpenAI(base_url=metrics_proxy.base_url, api_key=metrics_proxy.master_key, timeout=120, max_retries=0)
     # LiteLLM's /metrics asks for a key by default (litellm_settings.require_auth_for_metrics_endpoint)

@@ -31,7 +31,7 @@ PROBE_DELTA = 0.43
 
 
 def probe_queries():
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     return [example.text for example in get_task("bitext").load("test", limit=24, seed=11)]
 
@@ -111,7 +111,7 @@ def probe_results(client):
 
 
 def test_chosen_tier_depends_on_query_and_task(client, proxy, probe_results):
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     intent_first = [parse_path(ask(client, e.text, task="banking77")[1])[0]
                     for e in get_task("banking77").load("test", limit=6, seed=3)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calibration.quality_estimators import all_sets, fit_posterior, fit_posterior_models
-from coopt.paths import project_root
+from routenlp_core.paths import project_root
 from litellm_routenlp.quality_estimates import (AnswerSignals, PosteriorArtifactError, PosteriorEstimator, agreement,
                                                 features, signals_of_row)
 

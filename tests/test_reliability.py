@@ -147,7 +147,7 @@ def proxy(tmp_path_factory, fake_t3):
 def queries():
     """Real held-out queries and the tier the router wants for each (computed here with the same
     router, so the test knows independently which requests the outage must degrade)."""
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
     from litellm_routenlp.router_model import RouterModel
     from litellm_routenlp.routing import choose_tier
 

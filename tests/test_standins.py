@@ -50,7 +50,7 @@ def minilm(artifacts: Path):
 
 
 def _test_rows(task: str, n: int):
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     return get_task(task).load("test", limit=n, seed=7)
 
@@ -139,7 +139,7 @@ def test_replay_returns_the_recorded_answer_with_zero_uncertainty_for_known_quer
     from routenlp_standins.replay import HIT, ReplayTier
     from routenlp_standins.retrieval import RetrievalTier
 
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     for task in ("clinc150", "bitext"):
         replay = ReplayTier(task, retrieval=lambda: RetrievalTier(artifacts, task))

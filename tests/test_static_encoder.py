@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from coopt.paths import data_dir, project_root
+from routenlp_core.paths import data_dir, project_root
 from coopt.static_encoder import _gather_graph, reduce_and_weight
 from litellm_routenlp.encoder import OnnxSentenceEncoder
-from litellm_routenlp.hashing import sha256_file
+from routenlp_core.hashing import sha256_file
 from litellm_routenlp.router_model import RouterArtifactError, RouterModel
 
 STATIC_DIR = project_root() / "artifacts" / "encoder-static"
@@ -65,7 +65,7 @@ def test_static_encoder_separates_real_intents(static, task):
 
     Measured: banking77 0.73 (MiniLM 0.84), clinc150 0.70 (MiniLM 0.76) with 3,000 training queries.
     """
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     spec = get_task(task)
     train, test = spec.load("train", limit=3000, seed=0), spec.load("test", limit=500, seed=0)
@@ -143,7 +143,7 @@ def test_a_router_refuses_another_encoder_of_the_same_width(static_router):
 def test_tuned_static_encoder_tracks_minilm_on_held_out_texts(static):
     """The tuning read only train splits; on test-split texts of every task the static embedding
     stays close to MiniLM's (measured: mean cosine 0.83 over 1,491 texts of 8 tasks)."""
-    from coopt.tasks import TASKS, get_task
+    from routenlp_core.tasks import TASKS, get_task
 
     texts = [example.text for name in TASKS for example in get_task(name).load("test", limit=60, seed=1)]
     minilm = OnnxSentenceEncoder(MINILM_DIR, quantized=False)

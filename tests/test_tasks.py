@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from coopt.paths import data_dir
-from coopt.tasks import TASKS, TaskDataError, UnknownTaskError, get_task
+from routenlp_core.paths import data_dir
+from routenlp_core.tasks import TASKS, TaskDataError, UnknownTaskError, get_task
 
 EXPECTED_TAU = {"banking77": 0.92, "clinc150": 0.92, "bitext": 0.65, "fin_ner": 0.90, "ectsum": 0.42,
                 "cuad_clauses": 0.88, "unfair_tos": 0.82, "financial_phrasebank": 0.90}

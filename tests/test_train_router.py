@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from safetensors.numpy import load_file
 
-from coopt.allpairs import cheapest_acceptable_tier
-from coopt.paths import data_dir, project_root
+from routenlp_core.allpairs import cheapest_acceptable_tier
+from routenlp_core.paths import data_dir, project_root
 from coopt.train_router import forward_numpy, text_key, train_router
 from litellm_routenlp.router_model import RouterArtifactError, RouterModel
 
@@ -201,7 +201,7 @@ def test_finetune_mode_tiny_run_exports_its_encoder(tmp_path):
 
 
 def test_train_from_files_records_the_data_hash(data, cache_path, tmp_path):
-    from coopt.allpairs import data_sha256, write_allpairs, write_portfolio
+    from routenlp_core.allpairs import data_sha256, write_allpairs, write_portfolio
 
     records, portfolio = data
     allpairs_path = write_allpairs(records[:120], tmp_path / "train.jsonl")

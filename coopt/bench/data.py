@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from coopt.allpairs import AllPairsRecord, Portfolio, cheapest_acceptable_tier, tier_values
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, cheapest_acceptable_tier, tier_values
 
 #: service time (ms) assumed for a tier when the data has no latency for it: the bottom and top
 #: tiers' figures, the tiers in between geometrically spaced (documented in the README "Results").
@@ -142,7 +142,7 @@ def _fill_latency(latency: np.ndarray) -> np.ndarray:
 
 
 def default_cache_path(encoder_dir: Path) -> Path:
-    from coopt.paths import project_root
+    from routenlp_core.paths import project_root
     from coopt.train_router import sha256_file
 
     sha = sha256_file(Path(encoder_dir) / "model.onnx")

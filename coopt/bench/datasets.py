@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from coopt.allpairs import AllPairsRecord, Portfolio, write_allpairs, write_portfolio
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, write_allpairs, write_portfolio
 
 Loader = Callable[[Optional[Path]], tuple[list[AllPairsRecord], Portfolio]]
 

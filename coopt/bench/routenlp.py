@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from coopt.allpairs import AllPairsRecord, Portfolio, TaskSpec
+from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec
 from coopt.bench.metrics import Routes
 from coopt.bench.systems import THRESHOLD_GRID, FitContext, RatioScorer, RoutingSystem, knob_grid, pick, register
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from coopt.allpairs import Portfolio, data_sha256, load_portfolio, read_allpairs
+from routenlp_core.allpairs import Portfolio, data_sha256, load_portfolio, read_allpairs
 import coopt.bench.baselines  # noqa: F401  (importing registers the baselines)
 from coopt.bench import routenlp
 from coopt.bench.bootstrap import PairedSample, paired_bootstrap

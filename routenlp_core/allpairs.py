@@ -373,7 +373,7 @@ def append_allpairs(records: Iterable[AllPairsRecord], path: str | os.PathLike[s
 
 def data_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of the file's bytes: which data an artifact was trained or calibrated on."""
-    from litellm_routenlp.hashing import sha256_file
+    from routenlp_core.hashing import sha256_file
 
     return sha256_file(path)
 

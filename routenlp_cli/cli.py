@@ -59,7 +59,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from coopt.allpairs import load_portfolio, read_allpairs
+    from routenlp_core.allpairs import load_portfolio, read_allpairs
     from coopt.train_router import train_router
 
     portfolio = load_portfolio(args.portfolio)
@@ -76,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.calibrate import calibrate
-    from coopt.allpairs import load_portfolio
+    from routenlp_core.allpairs import load_portfolio
 
     result = calibrate(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
                        alpha=args.alpha, n_calib=args.n, out_path=args.out)

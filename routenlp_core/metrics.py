@@ -278,7 +278,7 @@ def _bertscore_backbone() -> tuple[Any, Any, int]:
             import torch  # noqa: F401 - fail early and clearly if torch is missing
             from transformers import AutoModel, AutoTokenizer
 
-            from coopt.export_encoder import minilm_model_path
+            from routenlp_core.paths import minilm_model_path
 
             path = str(minilm_model_path())
             tokenizer = AutoTokenizer.from_pretrained(path)
