@@ -224,6 +224,20 @@ def deltas_of(document: dict[str, Any]) -> dict[str, dict[str, Optional[float]]]
             for tier, per_task in document["thresholds"].items()}
 
 
+def _calibration_records(allpairs_path: Any, portfolio: Any) -> tuple[Portfolio, list[AllPairsRecord], str]:
+    """(portfolio, records, sha256 of the data) from a path or records; no records is an error."""
+    if not isinstance(portfolio, Portfolio):
+        portfolio = load_portfolio(portfolio)
+    if isinstance(allpairs_path, (str, os.PathLike)):
+        records, data_hash = read_allpairs(allpairs_path, portfolio), data_sha256(allpairs_path)
+    else:
+        records = list(allpairs_path)
+        data_hash = records_sha256(records)
+    if not records:
+        raise ValueError("no calibration records")
+    return portfolio, records, data_hash
+
+
 def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfolio: Union[Portfolio, PathLike],
               router_artifact: Optional[Union[PathLike, Any]] = None, alpha: float = 0.05, n_calib: int = 500,
               out_path: Optional[PathLike] = None, rule: str = "risk", route_confidence: float = 0.5,
@@ -242,15 +256,7 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
     sha256 and the task specs) and checked by :func:`litellm_routenlp.policy.check_fitted_under`.
     Returns the document written.
     """
-    if not isinstance(portfolio, Portfolio):
-        portfolio = load_portfolio(portfolio)
-    if isinstance(allpairs_path, (str, os.PathLike)):
-        records, data_hash = read_allpairs(allpairs_path, portfolio), data_sha256(allpairs_path)
-    else:
-        records = list(allpairs_path)
-        data_hash = records_sha256(records)
-    if not records:
-        raise ValueError("no calibration records")
+    portfolio, records, data_hash = _calibration_records(allpairs_path, portfolio)
     chosen = select_calibration_queries(records, n_calib, seed)
     start_tiers, router_name, router_sha = None, None, None
     if router_artifact is not None:
@@ -311,15 +317,7 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
     from calibration.fit_cascade_routing import CalibrationRows, fit_cascade_routing
     from litellm_routenlp.policy import POLICY_FORMAT_VERSION, router_sha256
 
-    if not isinstance(portfolio, Portfolio):
-        portfolio = load_portfolio(portfolio)
-    if isinstance(allpairs_path, (str, os.PathLike)):
-        records, data_hash = read_allpairs(allpairs_path, portfolio), data_sha256(allpairs_path)
-    else:
-        records = list(allpairs_path)
-        data_hash = records_sha256(records)
-    if not records:
-        raise ValueError("no calibration records")
+    portfolio, records, data_hash = _calibration_records(allpairs_path, portfolio)
     if isinstance(router_artifact, (str, os.PathLike)):
         from litellm_routenlp.router_model import RouterModel
 

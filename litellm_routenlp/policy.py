@@ -39,7 +39,6 @@ Entries of :data:`POLICIES` (``register_policy("name")``):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -425,15 +424,9 @@ def read_policy_document(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PolicyError(f"policy file not found: {path} (run `routenlp calibrate`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PolicyError(f"{path}: not valid JSON, possibly truncated ({error})") from None
-    if not isinstance(document, dict):
-        raise PolicyError(f"{path}: expected a JSON object")
-    return document
+    from .json_files import read_json_object
+
+    return read_json_object(path, PolicyError, "policy file", " (run `routenlp calibrate`)")
 
 
 def format_version(document: Mapping[str, Any], where: str) -> int:

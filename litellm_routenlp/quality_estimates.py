@@ -287,13 +287,10 @@ class PosteriorEstimator:
 
     @classmethod
     def load(cls, path: PathLike) -> "PosteriorEstimator":
+        from .json_files import read_json_object
+
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PosteriorArtifactError(f"{path}: missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PosteriorArtifactError(f"{path}: not valid JSON ({error})") from None
+        raw = read_json_object(path, PosteriorArtifactError, "posterior estimator")
         try:
             return cls.from_dict(raw)
         except PosteriorArtifactError as error:

@@ -12,7 +12,6 @@ the posterior estimator and ``fitted_under``.  Both load here; an unknown format
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -44,13 +43,10 @@ class Thresholds:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Thresholds":
+        from .json_files import read_json_object
+
         path = Path(path)
-        try:
-            document = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ThresholdsError(f"thresholds file not found: {path} (run `routenlp calibrate`)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ThresholdsError(f"{path}: not valid JSON, possibly truncated ({error})") from None
+        document = read_json_object(path, ThresholdsError, "thresholds file", " (run `routenlp calibrate`)")
         return cls.from_document(document, str(path))
 
     @classmethod

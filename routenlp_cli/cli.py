@@ -78,6 +78,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.calibrate import calibrate
     from routenlp_core.allpairs import load_portfolio
 
+    if args.policy == "cascade_routing":
+        from calibration.calibrate import calibrate_cascade_routing
+
+        if args.router is None:
+            raise SystemExit("routenlp calibrate: --policy cascade_routing needs --router (its ex-ante estimates)")
+        document = calibrate_cascade_routing(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
+                                             out_path=args.out, guarantee=args.guarantee, delta=args.delta,
+                                             target=args.target)
+        for task, entry in document["tasks"].items():
+            print(f"{task}: {(entry.get('certificate') or {}).get('message')}")
+        return 0
     result = calibrate(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
                        alpha=args.alpha, n_calib=args.n, out_path=args.out)
     _print_thresholds(result)
@@ -216,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--n", type=int, default=500, help="calibration queries per task")
     p.add_argument("--out", required=True)
+    p.add_argument("--policy", choices=("conformal_thresholds", "cascade_routing"), default="conformal_thresholds",
+                   help="the paper's per-tier thresholds (default) or certified cascade routing")
+    p.add_argument("--guarantee", choices=("ltt", "crc"), default="ltt",
+                   help="cascade_routing: with probability 1 - delta (Learn-then-Test) or in expectation (CRC)")
+    p.add_argument("--delta", type=float, default=0.1, help="cascade_routing + ltt: the chance the guarantee fails")
+    p.add_argument("--target", type=float, default=0.97, help="cascade_routing: quality ratio to the top tier per task")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("bench", help="the paper's evaluation: RouteNLP against the baselines on all-pairs data")
