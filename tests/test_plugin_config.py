@@ -89,11 +89,11 @@ def test_prompt_is_logged_only_when_litellm_message_logging_is_on(tmp_path, monk
     monkeypatch.setattr(litellm, "turn_off_message_logging", False)
     _finish_one(callback, "my secret account number is 123")
     monkeypatch.setattr(litellm, "turn_off_message_logging", True)
-    state = _finish_one(callback, "my secret account number is 456")
+    state = _finish_one(callback, "my secret account number is quokka")
     records = list(read_decisions(tmp_path / "decisions.jsonl"))
     assert records[0]["prompt"] == "my secret account number is 123"
     assert "prompt" not in records[1]
-    assert "456" not in (tmp_path / "decisions.jsonl").read_text()
+    assert "quokka" not in (tmp_path / "decisions.jsonl").read_text()
     assert state["result"]["total_cost_usd"] == pytest.approx(0.01)
     assert records[1]["final_tier"] == "T2" and records[1]["attempts"][0]["threshold"] == 0.3
 
