@@ -99,7 +99,7 @@ def build_torch_router(router, max_length: int):
             mask = torch.ones_like(ids)
             hidden = encoder(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
             pooled = torch.nn.functional.normalize(hidden.mean(dim=1), dim=1)
-            logits, _ = head(pooled, torch.tensor([task_id], dtype=torch.long))
+            logits = head(pooled, torch.tensor([task_id], dtype=torch.long))[0]  # (logits, penultimate[, acceptance])
             return torch.softmax(logits, dim=1).numpy()
 
     return decide
