@@ -37,7 +37,7 @@ from calibration.conformal import (ESCALATE_ALL_DELTA, InsufficientCalibrationEr
                                    violation_rate, wilson_interval)
 from routenlp_core.allpairs import (AllPairsRecord, Portfolio, data_sha256, load_portfolio, read_allpairs,
                             records_sha256, tier_values)
-from litellm_routenlp.policy import ConformalThresholds, PolicyAnswer, fitted_under, replay
+from litellm_routenlp.policy import ConformalThresholds, PolicyAnswer, fitted_under, replay, should_escalate
 from litellm_routenlp.routing import choose_tier
 from litellm_routenlp.thresholds import Thresholds
 
@@ -91,12 +91,20 @@ def replay_paths(records: Sequence[AllPairsRecord], rows: np.ndarray, names: Seq
     return paths
 
 
-def _cell(u: np.ndarray, q: np.ndarray, tau: float, delta: Optional[float]) -> dict[str, Any]:
+def _cell(u: np.ndarray, q: np.ndarray, tau: float, delta: Optional[float],
+          no_logprobs_policy: str = "trust_router") -> dict[str, Any]:
+    """Diagnostics of one (tier, task) cell, with the calibration-time escalation rate.
+
+    ``escalation_rate`` is the share of the queries reaching the tier whose answer the rule would
+    escalate (u > delta, or no u under ``no_logprobs_policy: escalate``): the baseline of the paper's
+    drift alert, which ``routenlp check`` compares live traffic against (issue 13)."""
     n = len(u)
     violation = violation_rate(list(u), list(q), tau, delta) if n else 0.0
     low, high = wilson_interval(round(violation * n), n)
+    escalated = [should_escalate(None if np.isnan(value) else float(value), delta, no_logprobs_policy) for value in u]
     return {"delta": delta, "n": int(n), "n_correct": int(np.sum(q >= tau)),
-            "violation": round(violation, 6), "wilson_95": [round(low, 6), round(high, 6)]}
+            "violation": round(violation, 6), "wilson_95": [round(low, 6), round(high, 6)],
+            "escalation_rate": round(float(np.mean(escalated)), 6) if n else None}
 
 
 def check_not_degenerate(u: np.ndarray, q: np.ndarray, tau: float, tier: str, task: str) -> None:
@@ -183,7 +191,7 @@ def fit_thresholds(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
                 reach = np.array([tier in path for path in paths], dtype=bool)
             u, q = uncertainty[rows[reach], k], quality[rows[reach], k]
             delta = None if top else _fit_cell(u, q, tau, alpha, rule, name, task)
-            thresholds[name][task] = _cell(u, q, tau, delta)
+            thresholds[name][task] = _cell(u, q, tau, delta, no_logprobs_policy)
     return thresholds
 
 

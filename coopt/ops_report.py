@@ -27,10 +27,9 @@ Alerts.  (a) The paper's rule: a (tier, task) escalation rate up more than 10% r
 calibration baseline.  So that noise does not fire it, the rule is applied to the lower end of the
 window's 95% Wilson interval (scipy.stats.binomtest(...).proportion_ci(method="wilson")): it fires
 when that lower bound exceeds 1.1 x baseline.  The baseline: the thresholds / policy file's
-per-cell ``escalation_rate`` when the file records one; the files written so far do not (they hold
-per cell ``delta``, ``n``, ``n_correct``, ``violation``, ``wilson_95``, none of which gives the
-share of a tier's answers that escalated), so otherwise ``--baseline FILE``: the JSON of
-``routenlp report --json`` over a reference window (e.g. the first week after calibration).
+per-cell ``escalation_rate`` (written by ``routenlp calibrate``: the share of the calibration
+queries reaching the tier that the rule escalates); ``--baseline FILE`` (the JSON of
+``routenlp report --json`` over a reference window) overrides it or stands in for a file without it.
 (b) Audited quality: per task, the acceptable share of the verdicts (``{request_id, acceptable,
 source}`` JSONL) joined to the window's requests; it fires when the upper end of its 95% Wilson
 interval is below the task's certified target (the policy file's ``tasks.<t>.certificate.target``;

@@ -126,9 +126,13 @@ def test_thresholds_file_has_the_contract_shape_and_the_proxy_reads_it(tmp_path)
     assert document["format_version"] == 2 and document["policy"] == "conformal_thresholds" and document["alpha"] == 0.05 and document["router_artifact"] is None
     for tier, per_task in document["thresholds"].items():
         cell = per_task["truthfulqa"]
-        assert set(cell) == {"delta", "n", "n_correct", "violation", "wilson_95"}
+        assert set(cell) == {"delta", "n", "n_correct", "violation", "wilson_95", "escalation_rate"}
         assert cell["n"] == 258 and len(cell["wilson_95"]) == 2
         assert (cell["delta"] is None) == (tier == "T4")
+        # the drift alert's baseline: the share of this cell's answers the rule escalates (u > delta)
+        u = tier_values(calibration_set, portfolio.tier_names, "uncertainty")[:, portfolio.tier_names.index(tier)]
+        expected = 0.0 if cell["delta"] is None else float(np.mean(u > cell["delta"]))
+        assert cell["escalation_rate"] == pytest.approx(expected, abs=1e-6)
     from routenlp_core.allpairs import data_sha256, write_allpairs, write_portfolio
 
     allpairs_path = write_allpairs(calibration_set, tmp_path / "calib.jsonl")
