@@ -246,6 +246,14 @@ def _calibration_records(allpairs_path: Any, portfolio: Any) -> tuple[Portfolio,
     return portfolio, records, data_hash
 
 
+def _write_policy_file(document: dict[str, Any], out: Path, indent: int) -> None:
+    """Write atomically (a temporary sibling, then ``os.replace``): a proxy never reads half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=indent, allow_nan=False) + "\n")
+    os.replace(temporary, out)
+
+
 def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfolio: Union[Portfolio, PathLike],
               router_artifact: Optional[Union[PathLike, Any]] = None, alpha: float = 0.05, n_calib: int = 500,
               out_path: Optional[PathLike] = None, rule: str = "risk", route_confidence: float = 0.5,
@@ -299,11 +307,7 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
         "thresholds": fit_thresholds(chosen, portfolio, start_tiers, alpha, rule, max_hops, no_logprobs_policy),
     }
     if out_path is not None:
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(out.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-        os.replace(temporary, out)
+        _write_policy_file(document, Path(out_path), indent=2)
     return document
 
 
@@ -365,9 +369,5 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
         if not entry["certificate"]["certified"]:
             logger.warning("%s", entry["certificate"]["message"])
     if out_path is not None:
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(out.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
-        os.replace(temporary, out)
+        _write_policy_file(document, Path(out_path), indent=1)
     return document

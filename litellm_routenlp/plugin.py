@@ -47,8 +47,8 @@ from .pricing import call_cost
 from .request_fields import (RequestError, forwarded_params, query_text, resolve_task, strip_client_plugin_fields,
                              validate_request, write_back_task)
 from .router_model import RouterArtifactError, RouterModel
-from .policy import PolicyError, StartState, check_fitted_under, policy_from_document, read_policy_document, \
-    router_sha256
+from .policy import ConformalThresholds, PolicyError, StartState, check_fitted_under, policy_from_document, \
+    read_policy_document, router_sha256
 from .routing import RoutingDecision, healthy_fallback
 from .spend_tags import call_metadata, tag_routed_call, task_label
 from .streaming import chunks_from_response, collect_stream
@@ -117,14 +117,10 @@ class RouteNLPCallback(CustomLogger):
         self.router = router
         self.thresholds = thresholds
         # the one decision policy (litellm_routenlp.policy): start tier and every escalation
-        self.policy = policy if policy is not None else policy_from_document(
-            {"thresholds": None}, settings, where="routenlp_settings")
-        if policy is None and thresholds is not None:
-            from .policy import ConformalThresholds
-
-            self.policy = ConformalThresholds(thresholds, route_confidence=settings.route_confidence,
-                                              max_hops=settings.max_hops,
-                                              no_logprobs_policy=settings.no_logprobs_policy)
+        if policy is None:  # no policy file: the paper's rule over whatever thresholds were given
+            policy = ConformalThresholds(thresholds, route_confidence=settings.route_confidence,
+                                         max_hops=settings.max_hops, no_logprobs_policy=settings.no_logprobs_policy)
+        self.policy = policy
         self.decision_log = decision_log
         self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
         encoder = router.encoder if router is not None else None
