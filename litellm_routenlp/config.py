@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SETTINGS_KEY = "routenlp_settings"
 CONFIG_ENV = "ROUTENLP_CONFIG"
@@ -36,6 +36,20 @@ class TaskSettings(BaseModel):
         default="buffer",
         description="buffer: hold a streamed answer until its uncertainty is known, then replay it or "
                     "the escalated answer (first token arrives later); off: stream at once, no cascade.")
+    latency_budget_ms: Optional[float] = Field(
+        default=None, gt=0.0, allow_inf_nan=False,
+        description="SLA-aware routing (latency_budget.py): a start tier or escalation whose expected latency "
+                    "(the tiers' rolling figures) would exceed this is not chosen; unset: no budget")
+    latency_budget_quantile: Optional[Literal["p50", "p99"]] = Field(
+        default=None, description="the quantile the budget bounds (default p99); needs latency_budget_ms")
+
+    @model_validator(mode="after")
+    def _budget_quantile(self) -> "TaskSettings":
+        if self.latency_budget_quantile is not None and self.latency_budget_ms is None:
+            raise ValueError("latency_budget_quantile is set but latency_budget_ms is not")
+        if self.latency_budget_ms is not None and self.latency_budget_quantile is None:
+            self.latency_budget_quantile = "p99"
+        return self
 
 
 class RouteNLPSettings(BaseModel):
@@ -73,6 +87,12 @@ class RouteNLPSettings(BaseModel):
         default=None, ge=1, le=65535,
         description="serve the routenlp_* Prometheus metrics on this port (prometheus-client's server); off when "
                     "unset. Not needed when LiteLLM's `prometheus` callback is on: its /metrics shows them too")
+    latency_window: int = Field(
+        default=20, ge=1, le=10000,
+        description="SLA-aware routing: calls per tier in the rolling latency window (p99 of 20 = the slowest)")
+    latency_max_age_s: float = Field(
+        default=300.0, gt=0.0,
+        description="SLA-aware routing: a tier's latency figure expires this long after its last call")
     metrics_host: str = Field(
         default="127.0.0.1", min_length=1,
         description="address the metrics port binds to; loopback by default (the endpoint has no authentication)")

@@ -42,6 +42,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
 from .config import RouteNLPSettings, SettingsError, load_settings
 from .decision_log import DecisionLog
+from . import latency_budget
 from . import prometheus_metrics
 from .pricing import call_cost
 from .request_fields import (RequestError, forwarded_params, query_text, resolve_task, strip_client_plugin_fields,
@@ -127,6 +128,8 @@ class RouteNLPCallback(CustomLogger):
         self._router_offload = encoder is not None and encoder.meta.get("kind") != "static"
         self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
         self._secret = secrets.token_bytes(32)  # seals plugin state; never leaves the process
+        # SLA-aware routing (latency_budget.py): None when no task declares latency_budget_ms
+        self.sla = latency_budget.SlaGuard.from_settings(settings)
 
     # ------------------------------------------------------------------ seals
     def _seal(self, *parts: Any) -> str:
@@ -334,6 +337,13 @@ class RouteNLPCallback(CustomLogger):
         tier = healthy_fallback(wanted, list(by_tier), self._fallback_direction(decision))
         if tier != wanted:
             reason += f"; T{wanted} unavailable, served by T{tier}"
+        budget = self.sla.budget(decision.task if decision.task_status == "known" else None) if self.sla else None
+        if budget is not None:  # the task's latency budget vetoes a start tier expected to break it
+            healthy_tier = tier
+            tier, note = latency_budget.choose_start(budget, self.sla.latencies, tier, sorted(by_tier))
+            state["sla"] = [note.to_dict()]
+            if tier != healthy_tier:
+                reason += f"; latency budget {latency_budget.budget_text(note)}: T{tier} instead of T{healthy_tier}"
         decision.tier, decision.wanted_tier, decision.reason = tier, wanted, reason
         decision.healthy_tiers = sorted(by_tier)
         state["decision"] = decision.to_dict()
@@ -427,13 +437,22 @@ class RouteNLPCallback(CustomLogger):
     async def _cascade(self, data: dict, state: dict, first: TierAnswer) -> CascadeResult:
         decision = RoutingDecision.from_dict(state["decision"])
         remaining = state.get("budget_remaining_usd")
-        return await run_cascade(
+        policy = self.policy
+        budget = self.sla.budget(decision.task if decision.task_status == "known" else None) if self.sla else None
+        notes: list[latency_budget.SlaNote] = []
+        if budget is not None:  # each escalation is checked against the time the request has taken
+            policy = latency_budget.BudgetedSteps(self.policy, budget, self.sla.latencies,
+                                                  started=state.get("started", time.time()), notes=notes)
+        result = await run_cascade(
             first=first, task=decision.task if decision.task_status == "known" else None,
             thresholds=self.thresholds, tier_names=self.tier_names,
             available_tiers=lambda: self._healthy_tiers(decision.task),
             ask=lambda tier: self._escalate(data, state, tier, first),
             max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy,
-            budget_usd=remaining, policy=self.policy, acceptance=decision.acceptance)
+            budget_usd=remaining, policy=policy, acceptance=decision.acceptance)
+        if notes:
+            state.setdefault("sla", []).extend(note.to_dict() for note in notes)
+        return result
 
     async def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool,
                       cost_known: bool = True) -> None:
@@ -488,6 +507,8 @@ class RouteNLPCallback(CustomLogger):
             "stream": streamed,
             "key_alias": (data.get("metadata") or {}).get("user_api_key_alias"),
         }
+        if state.get("sla"):  # budget, expected latency, forced, chosen_instead_of (latency_budget.summarise)
+            record["sla"] = latency_budget.summarise([latency_budget.SlaNote(**n) for n in state["sla"]])
         if not logging_off:
             record["prompt"] = query_text(data.get("messages"))
         await self.decision_log.append_async(record)
@@ -545,6 +566,12 @@ class RouteNLPCallback(CustomLogger):
         if outcome.get("total_cost_usd") is not None:  # a passthrough stream's cost is known at its end
             headers["x-routenlp-total-cost"] = f"{outcome['total_cost_usd']:.8f}"
         wanted, served = decision.get("wanted_tier"), decision.get("tier")
+        notes = [latency_budget.SlaNote(**n) for n in state.get("sla") or []]
+        sla = latency_budget.header_text(notes, self.tier_names)
+        if sla:
+            headers["x-routenlp-sla"] = sla
+        if notes and notes[0].stage == "start" and notes[0].chosen_instead_of:
+            served = notes[0].chosen_instead_of  # the tier health left; the budget's move is in x-routenlp-sla
         if wanted and served and wanted != served:
             headers["x-routenlp-degraded"] = (f"{self.tier_names.get(wanted, wanted)} unavailable; "
                                               f"served by {self.tier_names.get(served, served)}")
@@ -635,6 +662,34 @@ class RouteNLPCallback(CustomLogger):
         state["result"]["streaming_cascade"] = "off"
         if held is not None:
             yield held
+
+    # ------------------------------------------------------------------ tier latency (SLA-aware routing)
+    async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        """Every call to a tier of the alias (first call or escalation) feeds that tier's latency window."""
+        if self.sla is not None:
+            self._observe_latency(kwargs, start_time, end_time)
+
+    async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        """A timed-out call counts with the time it took (a tier that hangs is a slow tier); other
+        failures are the cooldown's business, not latency."""
+        import litellm
+
+        if self.sla is not None and isinstance(kwargs.get("exception"), litellm.Timeout):
+            self._observe_latency(kwargs, start_time, end_time)
+
+    def _observe_latency(self, kwargs: dict, start_time: Any, end_time: Any) -> None:
+        try:
+            params = kwargs.get("litellm_params") or {}
+            metadata = params.get("metadata") or params.get("litellm_metadata") or {}
+            if metadata.get("model_group") != self.settings.model_alias:
+                return
+            tier = TierTable.tier_of({"model_info": params.get("model_info") or {}})
+            elapsed = end_time - start_time
+            seconds = elapsed.total_seconds() if hasattr(elapsed, "total_seconds") else float(elapsed)
+            if tier is not None and seconds >= 0:
+                self.sla.latencies.observe(tier, seconds * 1000.0)
+        except Exception as error:  # a latency figure is never worth a failed log event
+            logger.debug("RouteNLP: latency observation failed: %s", error)
 
     # ------------------------------------------------------------------ 5. failures are logged too
     async def async_post_call_failure_hook(self, request_data: dict, original_exception: Exception,
