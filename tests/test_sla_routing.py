@@ -160,3 +160,158 @@ def test_escalation_over_budget_moves_or_stops_and_says_so(tmp_path, monkeypatch
     headers = _one_request(callback, router, "clinc150")
     assert headers["x-routenlp-path"].split(",") == ["T1", "T3", "T4"] and "x-routenlp-sla" not in headers
     assert "sla" not in list(read_decisions(tmp_path / "decisions.jsonl"))[-1]
+
+
+# ----------------------------------------------------------------------------------------- real proxy
+SLOW_S = 2.0          # the slowdown of the top tier
+BUDGET_MS = 1500      # banking77's p99 budget (a first call on a loaded machine can take ~1 s); clinc150 has none
+QUERIES = 6           # per task and phase
+
+
+class FakeUpstream:
+    """One loopback OpenAI-compatible server for all four tiers (``/t<k>/v1/chat/completions``): a
+    confident two-token answer with logprobs after ``delay_s[k]`` seconds."""
+
+    def __init__(self) -> None:
+        from litellm_routenlp.proxy_process import free_port
+
+        self.port = free_port()
+        self.delay_s = {k: 0.0 for k in (1, 2, 3, 4)}
+        self.calls = {k: 0 for k in (1, 2, 3, 4)}
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                tier = int(self.path.split("/")[1][1:])
+                upstream.calls[tier] += 1
+                time.sleep(upstream.delay_s[tier])
+                body = json.dumps({
+                    "id": f"fake-t{tier}", "object": "chat.completion", "created": int(time.time()),
+                    "model": f"fake-t{tier}",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "card_arrival"},
+                                 "logprobs": {"content": [{"token": "card", "logprob": -0.001, "top_logprobs": []},
+                                                          {"token": "_arrival", "logprob": -0.001,
+                                                           "top_logprobs": []}]}}],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        ThreadingHTTPServer.daemon_threads = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def sla_proxy(tmp_path_factory, upstream):
+    from litellm_routenlp.proxy_process import ProxyProcess
+
+    work = tmp_path_factory.mktemp("sla")
+    prices = {1: 0.00001, 2: 0.0001, 3: 0.0008, 4: 0.008}
+    document = {
+        "model_list": [{"model_name": "routenlp",
+                        "litellm_params": {"model": f"openai/fake-t{k}", "api_key": "not-used",
+                                           "api_base": f"http://127.0.0.1:{upstream.port}/t{k}/v1",
+                                           "timeout": 30, "max_retries": 0,
+                                           "input_cost_per_token": price, "output_cost_per_token": price},
+                        "model_info": {"id": f"fake-t{k}", "routenlp_tier": k}} for k, price in prices.items()],
+        "litellm_settings": {"callbacks": "litellm_routenlp.proxy_hook.routenlp"},
+        "router_settings": {"num_retries": 0},
+        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+        "routenlp_settings": {
+            "router_artifact": str(ROOT / "artifacts/router"),
+            "decision_log_path": str(work / "decisions.jsonl"),
+            # no policy file: the paper's start rule, no cascade; a near-1 confidence sends nearly
+            # every query to the top tier, the one that slows down
+            "route_confidence": 0.999999,
+            "tasks": {"banking77": {"kind": "structured", "tau": 0.92, "latency_budget_ms": BUDGET_MS},
+                      "clinc150": {"kind": "structured", "tau": 0.92}}},
+    }
+    config = work / "proxy_config.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT)
+    process.start(timeout=240)
+    process.decision_log = work / "decisions.jsonl"
+    yield process
+    process.stop()
+
+
+def _send(proxy, text, task):
+    import httpx
+
+    started = time.perf_counter()
+    reply = httpx.post(proxy.base_url + "/v1/chat/completions", timeout=60,
+                       headers={"Authorization": f"Bearer {proxy.master_key}"},
+                       json={"model": "routenlp", "messages": [{"role": "user", "content": text}],
+                             "max_tokens": 8, "metadata": {"task": task}})
+    assert reply.status_code == 200, reply.text[:300]
+    return dict(reply.headers), time.perf_counter() - started
+
+
+def _send_all(proxy, jobs):
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: _send(proxy, *job), jobs))
+
+
+@pytest.mark.proxy
+def test_a_tier_slowdown_moves_budgeted_requests_and_leaves_the_others(sla_proxy, upstream):
+    from routenlp_core.tasks import get_task
+
+    texts = {task: [e.text for e in get_task(task).load("test", limit=QUERIES, seed=5)]
+             for task in ("banking77", "clinc150")}
+    # phase 1: every tier answers at once; nothing is forced
+    before = {task: [_send(sla_proxy, text, task)[0] for text in texts[task]] for task in texts}
+    for headers in before["banking77"] + before["clinc150"]:
+        assert "x-routenlp-sla" not in headers, headers
+    at_top = [i for i, h in enumerate(before["banking77"]) if h["x-routenlp-tier"] == "T4"]
+    assert at_top, [h["x-routenlp-tier"] for h in before["banking77"]]  # the router wants the top tier
+
+    # phase 2: the top tier answers 2 s late; the task without a budget keeps using it (and so the
+    # plugin's window of T4 learns the slowdown from LiteLLM's success events)
+    upstream.delay_s[4] = SLOW_S
+    slow = _send_all(sla_proxy, [(text, "clinc150") for text in texts["clinc150"]])
+    assert [h["x-routenlp-tier"] for h, _ in slow] == [h["x-routenlp-tier"] for h in before["clinc150"]]
+    assert all(seconds >= SLOW_S for (h, seconds) in slow if h["x-routenlp-tier"] == "T4")
+    time.sleep(1.0)  # LiteLLM's success events run just after each answer
+
+    mixed = _send_all(sla_proxy, [(text, "banking77") for text in texts["banking77"]]
+                      + [(text, "clinc150") for text in texts["clinc150"]])
+    budgeted, plain = mixed[:QUERIES], mixed[QUERIES:]
+    records = {r["request_id"]: r for r in read_decisions(sla_proxy.decision_log)}
+    for index, (headers, seconds) in enumerate(budgeted):
+        assert headers["x-routenlp-tier"] != "T4", headers          # moved off the slow tier
+        assert seconds < SLOW_S, seconds
+        record = records[headers["x-routenlp-request-id"]]
+        if index in at_top:
+            assert "instead of T4" in headers["x-routenlp-sla"], headers
+            assert record["sla"]["forced"] and record["sla"]["chosen_instead_of"] == 4
+            assert record["sla"]["budget_ms"] == BUDGET_MS and record["sla"]["met"]
+            assert record["sla"]["choices"][0]["instead_expected_ms"] >= SLOW_S * 1000
+    # the task without a budget: the same tiers as before the slowdown, no sla header or record block
+    assert [h["x-routenlp-tier"] for h, _ in plain] == [h["x-routenlp-tier"] for h in before["clinc150"]]
+    for headers, seconds in plain:
+        assert "x-routenlp-sla" not in headers
+        assert "sla" not in records[headers["x-routenlp-request-id"]]
+        if headers["x-routenlp-tier"] == "T4":
+            assert seconds >= SLOW_S
+    print(f"\nslowdown: budgeted tiers {[h['x-routenlp-tier'] for h, _ in budgeted]} "
+          f"(before {[h['x-routenlp-tier'] for h in before['banking77']]}); "
+          f"plain {[h['x-routenlp-tier'] for h, _ in plain]}; headers e.g. {budgeted[at_top[0]][0]['x-routenlp-sla']!r}")
