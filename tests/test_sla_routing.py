@@ -315,3 +315,45 @@ def test_a_tier_slowdown_moves_budgeted_requests_and_leaves_the_others(sla_proxy
     print(f"\nslowdown: budgeted tiers {[h['x-routenlp-tier'] for h, _ in budgeted]} "
           f"(before {[h['x-routenlp-tier'] for h in before['banking77']]}); "
           f"plain {[h['x-routenlp-tier'] for h, _ in plain]}; headers e.g. {budgeted[at_top[0]][0]['x-routenlp-sla']!r}")
+
+
+# ----------------------------------------------------------------------------------------- the bench
+def test_bench_simulation_without_a_budget_is_the_plain_queue():
+    import numpy as np
+
+    from coopt.bench.queueing import QueueConfig, mmc_mean_wait, simulate, simulate_sla
+
+    config = QueueConfig(workers=(4,), top_rate_per_s=None, n_arrivals=20000)
+    for rate in (40.0, 70.0):   # 4 workers x 20/s: utilisation 0.5 and 0.875
+        plain = simulate_sla(np.array([[True]]), [0.05], rate, config, np.random.default_rng(3))
+        assert plain["forced"] == 0.0
+        reference = simulate(np.array([[True]]), [0.05], rate, config, np.random.default_rng(3))["mean_ms"]
+        closed_form = 50.0 + 1000.0 * mmc_mean_wait(4, rate, 20.0)
+        assert abs(plain["mean_ms"] - reference) / reference < 0.05
+        assert abs(plain["mean_ms"] - closed_form) / closed_form < 0.08, (plain["mean_ms"], closed_form)
+
+
+def test_bench_simulation_with_a_budget_moves_queries_off_a_slow_tier():
+    import numpy as np
+
+    from coopt.bench.queueing import QueueConfig, simulate_sla
+
+    paths = np.array([[True, False], [False, True], [True, True]])   # T1; T2; T1 then T2
+    quality = np.array([[1.0, 1.0], [0.0, 1.0], [0.2, 1.0]])
+    cost = np.array([[0.01, 1.0]] * 3)
+    config = QueueConfig(n_arrivals=6000, top_rate_per_s=60.0, sla_ms=500.0)
+    none = simulate_sla(paths, [0.05, 0.8], 10.0, config, np.random.default_rng(4), quality=quality, cost=cost)
+    p99 = simulate_sla(paths, [0.05, 0.8], 10.0, config, np.random.default_rng(4), quantile="p99",
+                       quality=quality, cost=cost)
+    assert none["forced"] == 0.0 and p99["forced"] > 0.5            # T2 (p99 ~ 3 s) is avoided
+    assert p99["p99_ms"] < 500.0 < none["p99_ms"] and p99["sla_violation"] < none["sla_violation"]
+    assert p99["quality_ratio"] < none["quality_ratio"] and p99["cost_ratio"] < none["cost_ratio"]  # the price
+    # a budget every tier meets changes nothing (same draws)
+    loose = QueueConfig(n_arrivals=6000, top_rate_per_s=60.0, sla_ms=1e9)
+    a = simulate_sla(paths, [0.05, 0.8], 10.0, loose, np.random.default_rng(4))
+    b = simulate_sla(paths, [0.05, 0.8], 10.0, loose, np.random.default_rng(4), quantile="p99")
+    assert a["p99_ms"] == b["p99_ms"] and b["forced"] == 0.0
+    # a tier a query may not use is never chosen for it: T1 not allowed -> T2 stays (the fastest allowed)
+    only_t2 = simulate_sla(paths[1:2], [0.05, 0.8], 10.0, config, np.random.default_rng(4), quantile="p99",
+                           allowed=np.array([[False, True]]), quality=quality[1:2])
+    assert only_t2["quality_ratio"] == 1.0

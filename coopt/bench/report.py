@@ -105,6 +105,35 @@ def table_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the paper's pilot headline for SLA-aware routing (issue 12), placed beside the bench's own figures
+PAPER_SLA_HEADLINE = "p99 1,847 ms -> 387 ms"
+
+
+def sla_markdown(results: dict[str, Any]) -> str:
+    """SLA-aware routing in the queue simulation: per RouteNLP system and arrival rate, without a
+    budget and with the proxy's guard (budget = the SLA, at p99 and at p50)."""
+    rows = {name: entry["sla_routing"] for name, entry in results["systems"].items() if entry.get("sla_routing")}
+    if not rows:
+        return ""
+    sla_ms = results.get("config", {}).get("queue", {}).get("sla_ms", 500)
+    lines = ["", f"#### SLA-aware routing in the queue simulation (budget {sla_ms:.0f} ms; paper's pilot: "
+                 f"{PAPER_SLA_HEADLINE})", "",
+             "The proxy's own guard (`litellm_routenlp/latency_budget.py`) on every query, reading rolling "
+             "windows of the 20 latest visits per tier (queueing included); `none` = no budget. Same arrivals "
+             "and service times in every mode. Q / C ratio: against the top tier over the simulated draws "
+             "(not task-weighted). mean ± std over seeds.", ""]
+    for name, by_rate in rows.items():
+        lines += [f"**{name}**", "", "| queries/min | budget at | p50 ms | p99 ms | SLA viol. | moved by the budget "
+                                     "| Q ratio | C ratio |", "|---|---|---|---|---|---|---|---|"]
+        for rate, modes in by_rate.items():
+            for mode, cell in modes.items():
+                lines.append(f"| {int(rate):,} | {mode} | {cell['p50_ms']['mean']:,.0f} | {cell['p99_ms']['mean']:,.0f} | "
+                             f"{cell['sla_violation']['mean'] * 100:.1f}% | {cell['forced']['mean'] * 100:.1f}% | "
+                             f"{_pm(cell['quality_ratio'])} | {_pm(cell['cost_ratio'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def must_show_sentence(goal: dict[str, Any]) -> str:
     """Issue 14's bar for RouteNLP, field by field."""
     if "must_show" not in goal:
@@ -242,7 +271,7 @@ def plot_tier_shares(results: dict[str, Any], path: Path) -> None:
 def write_all(out_dir: Path, results: dict[str, Any], data: Any = None) -> None:
     out_dir = Path(out_dir)
     write_json(out_dir / "results.json", results)
-    (out_dir / "table.md").write_text(table_markdown(results) + sweeps_markdown(results))
+    (out_dir / "table.md").write_text(table_markdown(results) + sweeps_markdown(results) + sla_markdown(results))
     plot_cost_quality(results, out_dir / "cost_quality.png")
     plot_tier_shares(results, out_dir / "tier_shares.png")
 
@@ -250,5 +279,5 @@ def write_all(out_dir: Path, results: dict[str, Any], data: Any = None) -> None:
 def write_summary(out_dir: Path, all_results: dict[str, dict[str, Any]], seconds: float) -> None:
     parts = [f"# routenlp bench: {len(all_results)} data sets, {seconds:.0f} s in all\n"]
     for name, results in all_results.items():
-        parts.append(table_markdown(results))
+        parts.append(table_markdown(results) + sla_markdown(results))
     (Path(out_dir) / "summary.md").write_text("\n".join(parts))

@@ -30,7 +30,7 @@ from coopt.bench import routenlp
 from coopt.bench.bootstrap import PairedSample, paired_bootstrap
 from coopt.bench.data import BenchData, default_cache_path
 from coopt.bench.metrics import Routes, mean_std, per_query, served_only, summarise
-from coopt.bench.queueing import QueueConfig, simulate
+from coopt.bench.queueing import SLA_MODES, QueueConfig, simulate, simulate_sla
 from coopt.bench.systems import SYSTEMS, TARGET_QUALITY, FitContext
 
 DEFAULT_ORDER = ("Always-top", "Always-T2", "Rule-based", "RouteNLP", "RouteNLP (CRC)", "RouteNLP (paper rule)",
@@ -115,6 +115,24 @@ def _queue_figures(routes: Routes, mean_service_s: np.ndarray, config: QueueConf
     for index, rate in enumerate(rates):
         rng = np.random.default_rng([seed, index, 99])
         out[str(int(rate))] = simulate(routes.tried, mean_service_s, rate / 60.0, config, rng)
+    return out
+
+
+def _sla_figures(data: BenchData, routes: Routes, mean_service_s: np.ndarray, config: QueueConfig,
+                 seed: int) -> dict[str, Any]:
+    """Latency, SLA violation, quality and cost at each arrival rate without and with the proxy's
+    SLA-aware routing (budget ``config.sla_ms`` at p99 and at p50): the same arrivals, draws and
+    service times in every mode (one generator seed per rate), so the modes are paired."""
+    rates = sorted(set(config.arrivals_per_min) | {config.headline_per_min})
+    allowed = data.served[data.task_ids[routes.rows]]
+    out: dict[str, Any] = {}
+    for index, rate in enumerate(rates):
+        out[str(int(rate))] = {
+            mode or "none": simulate_sla(routes.tried, mean_service_s, rate / 60.0, config,
+                                         np.random.default_rng([seed, index, 99]), quantile=mode, finals=routes.final,
+                                         allowed=allowed, quality=data.quality[routes.rows],
+                                         cost=data.cost[routes.rows])
+            for mode in SLA_MODES}
     return out
 
 
@@ -232,6 +250,8 @@ def _run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: di
                 ctx.test_routes[name] = routes
                 figures = summarise(data, routes)
                 figures["queue"] = _queue_figures(routes, mean_service_s, config.queue, seed)
+                if SYSTEMS[name].family == "routenlp":  # with and without SLA-aware routing (issue 12)
+                    figures["sla_routing"] = _sla_figures(data, routes, mean_service_s, config.queue, seed)
                 figures["operating_point"] = system.operating_point
                 figures["notes"] = list(system.notes)
                 figures["certified"] = certified_flag(system)
@@ -304,6 +324,13 @@ def aggregate(data: BenchData, names: Sequence[str], per_seed: dict[str, list[di
             "certified": all(s["certified"] for s in seeds),
             "notes": sorted({note for s in seeds for note in s["notes"]}),
         }
+        if "sla_routing" in seeds[0]:
+            entry["sla_routing"] = {
+                rate: {mode: {metric: mean_std([s["sla_routing"][rate][mode][metric] for s in seeds])
+                              for metric in ("p50_ms", "p99_ms", "sla_violation", "forced", "quality_ratio",
+                                             "cost_ratio")}
+                       for mode in modes}
+                for rate, modes in seeds[0]["sla_routing"].items()}
         if REFERENCE in test_values and name != REFERENCE:
             entry["vs_routenlp"] = {}
             for metric, key in (("cost", "p_cost"), ("quality", "p_quality")):
