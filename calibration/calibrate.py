@@ -316,8 +316,10 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
                               out_path: Optional[PathLike] = None, guarantee: str = "ltt", delta: float = 0.1,
                               method: str = "wsr", target: float = 0.97, folds: int = 5, seed: int = 0,
                               encoder_dir: Optional[PathLike] = None, router_quantized: bool = True,
-                              max_hops: int = 3, no_logprobs_policy: str = "trust_router") -> dict[str, Any]:
-    """Fit and certify ``cascade_routing`` on calibration records; write the policy file (format 2).
+                              max_hops: int = 3, no_logprobs_policy: str = "trust_router",
+                              family: str = "cascade_routing") -> dict[str, Any]:
+    """Fit and certify ``family`` (``cascade_routing`` or ``posterior_threshold``) on calibration
+    records; write the policy file (format 2).
 
     The records must not have been used to train the router (its ex-ante estimates must be out of
     sample); the posterior estimator is cross-fitted on them (:mod:`calibration.fit_cascade_routing`,
@@ -326,7 +328,7 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
     posterior estimator (inline) and ``fitted_under``; :func:`litellm_routenlp.policy.load_policy`
     reads it back.
     """
-    from calibration.fit_cascade_routing import CalibrationRows, fit_cascade_routing
+    from calibration.fit_cascade_routing import FAMILIES, CalibrationRows, fit_cascade_routing
     from litellm_routenlp.policy import POLICY_FORMAT_VERSION, router_sha256
 
     portfolio, records, data_hash = _calibration_records(allpairs_path, portfolio)
@@ -352,7 +354,8 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
                            outputs=[[r.tiers[name].output for name in names] for r in records], available=available)
     fitted = fit_cascade_routing(rows, {task: target for task in available}, guarantee=guarantee, delta=delta,
                                  method=method, folds=folds, seed=seed, max_hops=max_hops,
-                                 no_logprobs_policy=no_logprobs_policy)
+                                 no_logprobs_policy=no_logprobs_policy, family=family,
+                                 lambdas=FAMILIES[family])
     artifact_dir = getattr(router, "artifact_dir", None)
     router_sha = router_sha256(artifact_dir) if artifact_dir is not None and (Path(artifact_dir) / "router.json").is_file() else None
     document = {

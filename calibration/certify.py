@@ -378,8 +378,9 @@ def certify_task(
     delta: float = 0.1,
     method: str = "wsr",
     min_n: int = 30,
+    knob: str = "lambda",
 ) -> Certificate:
-    """Choose the cheapest certified lambda for one task.
+    """Choose the cheapest certified lambda for one task (``knob`` names the parameter in messages).
 
     ``q_policy`` is (m, n): the quality of each candidate lambda's decisions on the n calibration rows,
     candidates ordered safe -> cheap (``lambdas`` in the same order); ``q_top`` (n,) the top tier's.
@@ -428,9 +429,9 @@ def certify_task(
         # The top tier (the refusal fallback) heads the monotone chain: its loss (target - 1) q_top <= 0.
         idx, bounds = crc_choose(losses, B=float(target), threshold=0.0, fallback=(float(target) - 1.0) * qt)
     if idx is None:
-        return refuse(float(bounds[0]), f"the safest candidate (lambda={lam[0]}) fails")
+        return refuse(float(bounds[0]), f"the safest candidate ({knob}={lam[0]}) fails")
     bound = float(bounds[idx])
     what = f"P >= {1 - d:.3g} over the calibration draw" if d is not None else "in expectation"
-    msg = (f"task {task!r}: certified lambda={lam[idx]} (candidate {idx} of {len(lam)}, {label}, n={n}): "
+    msg = (f"task {task!r}: certified {knob}={lam[idx]} (candidate {idx} of {len(lam)}, {label}, n={n}): "
            f"E[target*q_top - q] <= {bound:+.4f} <= 0, i.e. quality ratio >= {target} {what}")
     return Certificate(task, label, float(target), d, n, idx, lam[idx], bound, True, msg)

@@ -42,12 +42,17 @@ import numpy as np
 
 from calibration.certify import certify_task
 from calibration.quality_estimators import fit_posterior
-from litellm_routenlp.policy import CascadeRouting, PolicyAnswer, TaskPolicy, decide_start, replay
+from litellm_routenlp.policy import CascadeRouting, PolicyAnswer, PosteriorThreshold, TaskPolicy, decide_start, replay
 
 #: lambda candidates, safe -> cheap (costs are normalised by the top tier's mean cost).  lambda = 0
 #: is left out: it asks every tier max_hops allows (costlier than the top tier alone) and gains
 #: nothing over 1e-3, while a failure there would end the fixed sequence.
 LAMBDA_GRID = tuple(float(v) for v in np.round(np.geomspace(1e-3, 10.0, 21), 6))
+#: posterior_threshold's candidates, safe -> cheap: 1.0 asks the top tier for every query (no estimate
+#: reaches it), then ever lower thresholds, densest near 1 where the certified ones lie
+THRESHOLD_GRID = (1.0,) + tuple(float(v) for v in np.round(1.0 - np.geomspace(1e-3, 1.0, 120), 6))
+#: the policy families this module fits: name -> (the knob's grid, safe -> cheap)
+FAMILIES = {"cascade_routing": LAMBDA_GRID, "posterior_threshold": THRESHOLD_GRID}
 #: one L2 strength for the posterior cells (fit_posterior's default tries three by inner CV, 3x the time)
 POSTERIOR_CS = (0.3,)
 GUARANTEES = ("ltt", "crc")
@@ -188,10 +193,30 @@ def assign_folds(tasks: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def out_of_fold_quality(data: CalibrationRows, lambdas: Sequence[float], folds: int, seed: int, max_hops: int,
-                        no_logprobs_policy: str, fold_of: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(m, n) quality and (m, n) cost of each lambda's decisions, every row decided out of fold.
+def task_policy(family: str, knob: Optional[float], costs: tuple[float, ...], sigmas: tuple[float, ...],
+                certificate: Optional[dict] = None) -> TaskPolicy:
+    """One task's numbers with ``knob`` in the family's field (lambda or threshold)."""
+    if family == "posterior_threshold":
+        return TaskPolicy(lam=None, costs=costs, sigmas=sigmas, certificate=certificate, threshold=knob)
+    return TaskPolicy(lam=knob, costs=costs, sigmas=sigmas, certificate=certificate)
 
+
+def family_policy(family: str, specs: Mapping[str, TaskPolicy], estimator: Any, max_hops: int,
+                  no_logprobs_policy: str, memo: Optional[dict] = None) -> Any:
+    """The policy object of ``family`` (the same classes the proxy serves)."""
+    if family == "posterior_threshold":
+        return PosteriorThreshold(specs, estimator, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy)
+    if family == "cascade_routing":
+        return CascadeRouting(specs, estimator, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy, memo=memo)
+    raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
+
+
+def out_of_fold_quality(data: CalibrationRows, lambdas: Sequence[float], folds: int, seed: int, max_hops: int,
+                        no_logprobs_policy: str, fold_of: Optional[np.ndarray] = None,
+                        family: str = "cascade_routing") -> tuple[np.ndarray, np.ndarray]:
+    """(m, n) quality and (m, n) cost of each knob value's decisions, every row decided out of fold.
+
+    ``lambdas`` are the family's knob values (lambda, or threshold for posterior_threshold);
     ``fold_of`` reuses the folds of an outer cross-fit (e.g. the router's); default: seeded folds."""
     n = len(data.tasks)
     if fold_of is None:
@@ -208,9 +233,8 @@ def out_of_fold_quality(data: CalibrationRows, lambdas: Sequence[float], folds: 
         part = data.subset(held)
         cache, memo = RowCache(estimator), {}
         for index, lam in enumerate(lambdas):
-            specs = {task: TaskPolicy(lam=float(lam), costs=costs[task], sigmas=sigmas[task])
-                     for task in sigmas}
-            policy = CascadeRouting(specs, cache, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy, memo=memo)
+            specs = {task: task_policy(family, float(lam), costs[task], sigmas[task]) for task in sigmas}
+            policy = family_policy(family, specs, cache, max_hops, no_logprobs_policy, memo)
             kept, tried, _ = replay_rows(policy, part)
             quality[index, held] = part.quality[np.arange(len(held)), kept - 1]
             cost[index, held] = (part.cost * tried).sum(axis=1)
@@ -237,7 +261,7 @@ def cheapest_certified(cert: Any, lambdas: Sequence[float], cost: np.ndarray, to
     if best == cert.index:
         return cert
     return dataclasses.replace(cert, index=best, value=float(lambdas[best]), message=cert.message + (
-        f"; cheapest of the certified candidates 0..{cert.index} on these rows: lambda={lambdas[best]}"))
+        f"; cheapest of the certified candidates 0..{cert.index} on these rows: {lambdas[best]}"))
 
 
 @dataclass
@@ -254,32 +278,38 @@ def fit_cascade_routing(data: CalibrationRows, targets: Mapping[str, float], gua
                         folds: int = 5, seed: int = 0, max_hops: int = 3, no_logprobs_policy: str = "trust_router",
                         min_n: int = 30, fold_of: Optional[np.ndarray] = None,
                         oof: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                        final: Optional[tuple[Any, dict, dict]] = None) -> CascadeRoutingFit:
+                        final: Optional[tuple[Any, dict, dict]] = None,
+                        family: str = "cascade_routing") -> CascadeRoutingFit:
     """Cross-fitted, certified cascade routing on calibration rows (module docstring).
 
     ``oof`` / ``final`` reuse the out-of-fold decisions and the final estimator of an earlier call
     on the same rows and grid (the two guarantees differ only in the certificate)."""
     if guarantee not in GUARANTEES:
         raise ValueError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     lambdas = [float(v) for v in lambdas]
-    if lambdas != sorted(lambdas):
-        raise ValueError("lambdas must be ordered safe -> cheap (increasing)")
+    safe_to_cheap = sorted(lambdas) if family == "cascade_routing" else sorted(lambdas, reverse=True)
+    if lambdas != safe_to_cheap:
+        raise ValueError("the knob values must be ordered safe -> cheap (lambda increasing, threshold decreasing)")
     quality, cost = oof if oof is not None else out_of_fold_quality(data, lambdas, folds, seed, max_hops,
-                                                                     no_logprobs_policy, fold_of)
+                                                                     no_logprobs_policy, fold_of, family)
     top = data.K - 1
     certificates = {}
     for task in sorted(set(map(str, data.tasks))):
         rows = np.nonzero(data.tasks == task)[0]
         cert = certify_task(task, lambdas, quality[:, rows], data.quality[rows, top],
-                            float(targets.get(task, 0.97)), guarantee=guarantee, delta=delta, method=method, min_n=min_n)
+                            float(targets.get(task, 0.97)), guarantee=guarantee, delta=delta, method=method, min_n=min_n,
+                            knob="lambda" if family == "cascade_routing" else "threshold")
         certificates[task] = cheapest_certified(cert, lambdas, cost[:, rows], data.cost[rows, top]) if guarantee == "ltt" else cert
     estimator, sigmas, costs = final if final is not None else fit_parts(data, seed)
-    specs = {task: TaskPolicy(lam=cert.value if cert.certified else None, costs=costs[task], sigmas=sigmas[task],
-                              certificate=cert.to_dict()) for task, cert in certificates.items()}
-    policy = CascadeRouting(specs, estimator, max_hops=max_hops, no_logprobs_policy=no_logprobs_policy)
+    specs = {task: task_policy(family, cert.value if cert.certified else None, costs[task], sigmas[task],
+                               cert.to_dict()) for task, cert in certificates.items()}
+    policy = family_policy(family, specs, estimator, max_hops, no_logprobs_policy)
     document = {
-        "policy": "cascade_routing", "guarantee": guarantee, "delta": delta if guarantee == "ltt" else None,
-        "bound": method if guarantee == "ltt" else "crc", "targets": dict(targets), "lambda_grid": lambdas,
+        "policy": family, "guarantee": guarantee, "delta": delta if guarantee == "ltt" else None,
+        "bound": method if guarantee == "ltt" else "crc", "targets": dict(targets),
+        ("lambda_grid" if family == "cascade_routing" else "threshold_grid"): lambdas,
         "folds": folds, "n_calibration": int(len(data.tasks)),
         "tasks": {task: {**spec.to_dict(), "target": float(targets.get(task, 0.97))} for task, spec in specs.items()},
         "posterior": {"inline": estimator.to_dict()},

@@ -148,7 +148,7 @@ def evaluate(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: An
     if policy is None:
         policy = ConformalThresholds(thresholds, route_confidence=route_confidence, max_hops=max_hops)
     acceptance = None
-    if getattr(policy, "name", "") == "cascade_routing":  # the paper rule reads route probabilities only
+    if getattr(policy, "name", "") in ("cascade_routing", "posterior_threshold"):  # the paper rule reads route probabilities only
         acceptance = router.predict_acceptance([r.prompt for r in records], [r.task for r in records])
     starts = start_tiers(records, portfolio, router, route_confidence, policy, acceptance)
     outcomes = replay_cascade(records, portfolio, starts, thresholds, max_hops=max_hops, policy=policy,

@@ -334,6 +334,7 @@ class RouteNLPCallback(CustomLogger):
         wanted, reason = start.tier, start.reason
         decision.start_estimates = None if start.estimates is None else [round(v, 6) for v in start.estimates]
         decision.lam = start.lam
+        decision.threshold = start.threshold
         tier = healthy_fallback(wanted, list(by_tier), self._fallback_direction(decision))
         if tier != wanted:
             reason += f"; T{wanted} unavailable, served by T{tier}"
@@ -496,7 +497,7 @@ class RouteNLPCallback(CustomLogger):
                 "acceptance": (None if decision.get("acceptance") is None
                                else dict(zip(self.tier_names.values(), decision["acceptance"]))),
             },
-            "policy": {"name": self.policy.name, "lambda": decision.get("lam"),
+            "policy": {"name": self.policy.name, "lambda": decision.get("lam"), "threshold": decision.get("threshold"),
                        "start_estimates": decision.get("start_estimates"), "stop_reason": result.stop_reason},
             "attempts": attempts,
             "final_tier": self.tier_names.get(result.final.tier),

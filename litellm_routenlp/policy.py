@@ -90,6 +90,7 @@ class StartDecision:
     reason: str
     estimates: Optional[tuple[float, ...]] = None
     lam: Optional[float] = None
+    threshold: Optional[float] = None        # posterior_threshold: the task's certified threshold
 
 
 @dataclass(frozen=True)
@@ -274,10 +275,15 @@ class TaskPolicy:
     costs: tuple[float, ...]          # mean cost per tier / the top tier's (1-based tier k at index k-1)
     sigmas: tuple[float, ...]         # spread of an answer's effect on its tier's estimate
     certificate: Optional[dict[str, Any]] = None
+    #: posterior_threshold's knob: stop at a tier whose estimate reaches it (None: not certified)
+    threshold: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lambda": self.lam, "costs": list(self.costs), "sigmas": list(self.sigmas),
-                "certificate": self.certificate}
+        out = {"lambda": self.lam, "costs": list(self.costs), "sigmas": list(self.sigmas),
+               "certificate": self.certificate}
+        if self.threshold is not None or self.lam is None:
+            out["threshold"] = self.threshold
+        return out
 
 
 def _as_signals(answers: Sequence[PolicyAnswer]) -> list[Any]:
@@ -415,6 +421,74 @@ class CascadeRouting:
                 "answer_rule": self.answer_rule, "tasks": {task: spec.to_dict() for task, spec in self.tasks.items()}}
 
 
+@register_policy("posterior_threshold")
+class PosteriorThreshold(CascadeRouting):
+    """A threshold cascade on the per-tier estimates, one certified knob per task (module docstring).
+
+    Start at the cheapest available tier below the top whose ex-ante estimate reaches the task's
+    threshold t (else the top tier); after its answer, stop when the tier's posterior estimate
+    reaches t, otherwise ask the top available tier (tiers in between are skipped) and return its
+    answer.  WHY this family next to ``cascade_routing``: for a certificate against the top tier the
+    family must be monotone with the top tier at its safe end (t -> 1 asks the top tier for every
+    query) and must not pay for tiers in between; the lookahead's independence assumption makes
+    cascade routing ask 2-3 tiers at small lambda (cost above the top tier's), so its certified
+    lambdas bought little (README "Certified cascade routing").  Same estimates as cascade routing
+    (ex-ante + posterior), same interface, same replay."""
+
+    name: ClassVar[str]
+
+    def _threshold(self, task: Optional[str]) -> Optional[float]:
+        spec = self._spec(task)
+        return None if spec is None else spec.threshold
+
+    def start(self, state: StartState) -> StartDecision:
+        tiers = sorted(set(state.available_tiers))
+        if not tiers:
+            raise ValueError("no tier is available")
+        spec = self._spec(state.task)
+        t = self._threshold(state.task)
+        if spec is None or t is None or state.acceptance is None:
+            why = ("unknown task" if spec is None else "threshold not certified for the task" if t is None
+                   else "no ex-ante estimate")
+            return StartDecision(tier=tiers[-1], reason=f"{why}: top available tier")
+        estimates = self.estimates(state.task, state.acceptance, ())
+        tier = next((k for k in tiers[:-1] if float(estimates[k - 1]) >= t), tiers[-1])
+        return StartDecision(tier=tier, reason=f"cheapest tier with ex-ante estimate >= {t:.4f}",
+                             estimates=tuple(float(v) for v in estimates), threshold=t)
+
+    def pre_check(self, state: StepState) -> Optional[StepDecision]:
+        current = state.answers[-1]
+        if self._spec(state.task) is None or self._threshold(state.task) is None or state.acceptance is None:
+            code = "unknown_task" if self._spec(state.task) is None else "uncertified_task"
+            return StepDecision("stop", current.tier, stop_reason=code,
+                                reason="no certified threshold or no ex-ante estimate: keep the answer")
+        if state.hops >= self.max_hops:
+            return StepDecision("stop", current.tier, stop_reason="max_hops", reason=f"{state.hops} escalations = max_hops")
+        return None
+
+    def step(self, state: StepState) -> StepDecision:
+        early = self.pre_check(state)
+        if early is not None:
+            return early
+        t = float(self._threshold(state.task))
+        current = state.answers[-1]
+        estimates = self.estimates(state.task, state.acceptance, state.answers)
+        as_tuple = tuple(float(v) for v in estimates)
+        above = [k for k in sorted(set(state.available_tiers)) if k > current.tier]
+        if not above:
+            return StepDecision("stop", current.tier, stop_reason="no_tier_above", reason="no available tier above",
+                                threshold=t, estimates=as_tuple)
+        if current.uncertainty is None and self.no_logprobs_policy == "escalate":
+            return StepDecision("ask", current.tier, next_tier=above[-1], threshold=t, estimates=as_tuple,
+                                reason="no uncertainty, no_logprobs_policy=escalate")
+        estimate = float(estimates[current.tier - 1])
+        if estimate >= t:
+            return StepDecision("stop", current.tier, stop_reason="confident", threshold=t, estimates=as_tuple,
+                                reason=f"estimate {estimate:.4f} >= threshold {t:.4f}")
+        return StepDecision("ask", current.tier, next_tier=above[-1], threshold=t, estimates=as_tuple,
+                            reason=f"estimate {estimate:.4f} < threshold {t:.4f}: ask the top available tier")
+
+
 # ----------------------------------------------------------------------------------------- the file
 
 
@@ -455,6 +529,10 @@ def task_policies(document: Mapping[str, Any], where: str) -> dict[str, TaskPoli
             raise PolicyError(f"{at}: expected an object")
         lam = entry.get("lambda")
         lam = None if lam is None else _number(lam, f"{at}.lambda")
+        threshold = entry.get("threshold")
+        threshold = None if threshold is None else _number(threshold, f"{at}.threshold")
+        if threshold is not None and threshold > 1.0 + 1e-6:
+            raise PolicyError(f"{at}.threshold: must lie in [0, 1], got {threshold!r}")
         vectors = {}
         for key in ("costs", "sigmas"):
             values = entry.get(key)
@@ -464,7 +542,7 @@ def task_policies(document: Mapping[str, Any], where: str) -> dict[str, TaskPoli
         if len(vectors["costs"]) != len(vectors["sigmas"]):
             raise PolicyError(f"{at}: costs and sigmas must have one entry per tier")
         out[task] = TaskPolicy(lam=lam, costs=vectors["costs"], sigmas=vectors["sigmas"],
-                               certificate=entry.get("certificate"))
+                               certificate=entry.get("certificate"), threshold=threshold)
     return out
 
 
@@ -518,6 +596,9 @@ def policy_from_document(document: Mapping[str, Any], settings: Any = None, wher
         return ConformalThresholds(thresholds, route_confidence=_setting(
             settings, "route_confidence", document.get("route_confidence") or 0.5), max_hops=max_hops,
             no_logprobs_policy=no_logprobs)
+    if name == "posterior_threshold":
+        return PosteriorThreshold(task_policies(document, where), load_estimator(document, base, where),
+                                  max_hops=max_hops, no_logprobs_policy=no_logprobs)
     if name == "cascade_routing":
         rule = document.get("answer_rule", "best_estimate")
         if rule not in ANSWER_RULES:
@@ -573,7 +654,7 @@ def check_fitted_under(document: Mapping[str, Any], settings: Any, router_sha: O
         out.append("router_sha256")
     for key in ("router_quantized", "no_logprobs_policy", "max_hops", "route_confidence"):
         recorded = fitted.get(key)
-        if recorded is None or (key == "route_confidence" and document.get("policy") == "cascade_routing"):
+        if recorded is None or (key == "route_confidence" and document.get("policy") in ("cascade_routing", "posterior_threshold")):
             continue
         current = _setting(settings, key)
         if current is not None and current != recorded:
@@ -622,6 +703,6 @@ def replay(policy: Any, task: str, start: int, answer: Callable[[int], PolicyAns
 
 
 __all__ = ["POLICIES", "register_policy", "load_policy", "policy_from_document", "check_fitted_under",
-           "fitted_under", "router_sha256", "ConformalThresholds", "CascadeRouting", "TaskPolicy", "PolicyAnswer",
+           "fitted_under", "router_sha256", "ConformalThresholds", "CascadeRouting", "PosteriorThreshold", "TaskPolicy", "PolicyAnswer",
            "StartState", "StartDecision", "StepState", "StepDecision", "PolicyError", "should_escalate",
            "expected_best", "decide_start", "replay"]

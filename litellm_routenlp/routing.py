@@ -29,6 +29,7 @@ class RoutingDecision:
     acceptance: Optional[list[float]] = None   # ex-ante P(tier k acceptable), k = 1..K (cascade_routing)
     start_estimates: Optional[list[float]] = None   # the policy's per-tier estimates at the start
     lam: Optional[float] = None                # cascade_routing: the task's certified lambda
+    threshold: Optional[float] = None          # posterior_threshold: the task's certified threshold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

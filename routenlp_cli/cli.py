@@ -74,18 +74,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: policies whose knob per task is certified (calibration.fit_cascade_routing.FAMILIES)
+CERTIFIED_POLICIES = ("posterior_threshold", "cascade_routing")
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.calibrate import calibrate
     from routenlp_core.allpairs import load_portfolio
 
-    if args.policy == "cascade_routing":
+    if args.policy in CERTIFIED_POLICIES:
         from calibration.calibrate import calibrate_cascade_routing
 
         if args.router is None:
-            raise SystemExit("routenlp calibrate: --policy cascade_routing needs --router (its ex-ante estimates)")
+            raise SystemExit(f"routenlp calibrate: --policy {args.policy} needs --router (its ex-ante estimates)")
         document = calibrate_cascade_routing(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
                                              out_path=args.out, guarantee=args.guarantee, delta=args.delta,
-                                             target=args.target)
+                                             target=args.target, family=args.policy)
         for task, entry in document["tasks"].items():
             print(f"{task}: {(entry.get('certificate') or {}).get('message')}")
         return 0
@@ -227,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--n", type=int, default=500, help="calibration queries per task")
     p.add_argument("--out", required=True)
-    p.add_argument("--policy", choices=("conformal_thresholds", "cascade_routing"), default="conformal_thresholds",
-                   help="the paper's per-tier thresholds (default) or certified cascade routing")
+    p.add_argument("--policy", choices=("conformal_thresholds",) + CERTIFIED_POLICIES, default="conformal_thresholds",
+                   help="the paper's per-tier thresholds (default), or a certified policy: posterior_threshold "
+                        "(threshold cascade on the per-tier estimates) or cascade_routing (lookahead)")
     p.add_argument("--guarantee", choices=("ltt", "crc"), default="ltt",
-                   help="cascade_routing: with probability 1 - delta (Learn-then-Test) or in expectation (CRC)")
-    p.add_argument("--delta", type=float, default=0.1, help="cascade_routing + ltt: the chance the guarantee fails")
-    p.add_argument("--target", type=float, default=0.97, help="cascade_routing: quality ratio to the top tier per task")
+                   help="certified policies: with probability 1 - delta (Learn-then-Test) or in expectation (CRC)")
+    p.add_argument("--delta", type=float, default=0.1, help="certified policies + ltt: the chance the guarantee fails")
+    p.add_argument("--target", type=float, default=0.97, help="certified policies: quality ratio to the top tier per task")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("bench", help="the paper's evaluation: RouteNLP against the baselines on all-pairs data")

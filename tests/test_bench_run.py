@@ -122,15 +122,15 @@ def test_bench_on_a_subset_of_a_real_shared_set(tmp_path, data_dir):
     assert results["data"]["uncertainty_available"] == [True, True, True, True]
     # the paper rule's cascade is calibrated and used: thresholds recorded
     assert "thresholds" in systems["RouteNLP (paper rule)"]["per_seed"][0]["operating_point"]
-    # cascade routing: a certificate per task, from the cross-fitted train + calibration rows; a task
-    # that is refused goes to the top tier, a certified one has its lambda
+    # the certified policy (posterior_threshold by default): a certificate per task, from the cross-fitted train + calibration rows; a task
+    # that is refused goes to the top tier, a certified one has its threshold
     ours = systems["RouteNLP"]["per_seed"][0]
     point = ours["operating_point"]
-    assert point["policy"] == "cascade_routing" and set(point["certificates"]) == {"medmcqa", "truthfulqa"}
+    assert point["policy"] == "posterior_threshold" and set(point["certificates"]) == {"medmcqa", "truthfulqa"}
     n_pool = results["split"]["sizes"]["train"] + results["split"]["sizes"]["calibration"]
     assert point["n_certification"] == n_pool
     for task, certificate in point["certificates"].items():
-        if point["lambda"][task] is not None:
+        if point["threshold"][task] is not None:
             assert certificate["certified"], certificate["message"]
         else:  # refused, or the top tier is the cheapest certified choice: the top tier serves the task
             assert ours["per_task"][task]["quality_ratio"] == pytest.approx(1.0) and ours["per_task"][task]["cost_ratio"] == pytest.approx(1.0)

@@ -210,3 +210,86 @@ def test_answer_rule_last_returns_the_most_capable_answer():
     assert CascadeRouting(spec, answer_rule="last").step(after).answer_tier == 3
     with pytest.raises(PolicyError, match="answer_rule"):
         CascadeRouting(spec, answer_rule="vote")
+
+
+# ----------------------------------------------------------------------------- posterior_threshold
+
+
+def _threshold(t, tiers=3):
+    from litellm_routenlp.policy import PosteriorThreshold
+
+    return PosteriorThreshold({"t": TaskPolicy(lam=None, costs=(0.05, 0.1, 1.0)[-tiers:], sigmas=(0.0,) * tiers,
+                                               threshold=t)}, estimator=None)
+
+
+def test_posterior_threshold_starts_at_the_cheapest_tier_whose_estimate_reaches_the_threshold():
+    assert "posterior_threshold" in POLICIES
+    start = _threshold(0.6).start(StartState(task="t", available_tiers=(1, 2, 3), acceptance=(0.5, 0.65, 0.9)))
+    assert start.tier == 2 and start.threshold == 0.6
+    # nothing below the top reaches it: the top tier; an uncertified or unknown task: the top tier too
+    assert _threshold(0.95).start(StartState(task="t", available_tiers=(1, 2, 3), acceptance=(0.5, 0.65, 0.9))).tier == 3
+    assert _threshold(None).start(StartState(task="t", available_tiers=(1, 2, 3), acceptance=(0.99,) * 3)).tier == 3
+    assert _threshold(0.1).start(StartState(task="x", available_tiers=(1, 2, 3), acceptance=(0.99,) * 3)).tier == 3
+
+
+def test_posterior_threshold_stops_when_confident_and_otherwise_skips_to_the_top_tier():
+    policy = _threshold(0.6)
+    answered = (PolicyAnswer(1, 0.2),)
+    confident = policy.step(StepState(task="t", answers=answered, available_tiers=(1, 2, 3), hops=0,
+                                      acceptance=(0.7, 0.8, 0.9)))
+    assert confident.stop and confident.stop_reason == "confident" and confident.answer_tier == 1
+    unsure = policy.step(StepState(task="t", answers=answered, available_tiers=(1, 2, 3), hops=0,
+                                   acceptance=(0.55, 0.8, 0.9)))
+    assert unsure.action == "ask" and unsure.next_tier == 3   # T2 is skipped
+    top = policy.step(StepState(task="t", answers=answered + (PolicyAnswer(3, 0.9),), available_tiers=(1, 2, 3),
+                                hops=1, acceptance=(0.55, 0.8, 0.1)))
+    assert top.stop and top.stop_reason == "no_tier_above" and top.answer_tier == 3   # the top tier's answer
+    capped = policy.step(StepState(task="t", answers=answered, available_tiers=(1, 2, 3), hops=3,
+                                   acceptance=(0.1, 0.8, 0.9)))
+    assert capped.stop and capped.stop_reason == "max_hops"
+
+
+def test_posterior_threshold_file_round_trips_and_rejects_a_bad_threshold(tmp_path):
+    from litellm_routenlp.policy import PosteriorThreshold
+
+    document = _document(tmp_path)
+    document["policy"] = "posterior_threshold"
+    document["tasks"]["t"].update({"lambda": None, "threshold": 0.8})
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(document))
+    policy = load_policy(path)
+    assert isinstance(policy, PosteriorThreshold) and policy.tasks["t"].threshold == 0.8
+    assert policy.tasks["t"].to_dict()["threshold"] == 0.8
+    document["tasks"]["t"]["threshold"] = 1.5
+    path.write_text(json.dumps(document))
+    with pytest.raises(PolicyError, match=r"tasks\.t\.threshold"):
+        load_policy(path)
+
+
+def test_calibrated_posterior_threshold_file_loads_decides_and_orders_its_grid_safe_to_cheap(tmp_path, data_dir):
+    """calibrate_cascade_routing(family="posterior_threshold") on real cascades_9llm rows."""
+    from calibration.calibrate import calibrate_cascade_routing
+    from calibration.fit_cascade_routing import THRESHOLD_GRID
+    from coopt.multimodel import combine, load_cascades_9llm
+    from litellm_routenlp.policy import PosteriorThreshold, decide_start
+
+    assert THRESHOLD_GRID[0] == 1.0 and list(THRESHOLD_GRID) == sorted(THRESHOLD_GRID, reverse=True)
+    records, portfolio = combine(load_cascades_9llm("medmcqa", limit=400, data_dir=data_dir))
+
+    class PriorRouter:
+        tiers = portfolio.tier_names
+        artifact_dir = None
+
+        def predict_acceptance(self, texts, tasks):
+            return np.tile([0.35, 0.5, 0.72, 0.77], (len(texts), 1))
+
+    path = tmp_path / "policy.json"
+    document = calibrate_cascade_routing(records, portfolio, PriorRouter(), out_path=path, folds=2,
+                                         family="posterior_threshold")
+    assert document["policy"] == "posterior_threshold" and "threshold_grid" in document
+    entry = document["tasks"]["medmcqa"]
+    assert (entry["threshold"] is None) == (not entry["certificate"]["certified"])
+    assert "threshold" in entry["certificate"]["message"]
+    policy = load_policy(path)
+    assert isinstance(policy, PosteriorThreshold) and policy.estimator is not None
+    assert 1 <= decide_start(policy, "medmcqa", [1, 2, 3, 4], acceptance=[0.35, 0.5, 0.72, 0.77]).tier <= 4

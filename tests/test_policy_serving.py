@@ -4,9 +4,9 @@
   no_logprobs_policy, route_confidence, task specs); any difference stops the proxy naming the field
   (or, with ``fail_open``, sends everything to the top tier).
 * A real proxy on ``proxy_config.yaml`` with ``thresholds_path`` pointing at a ``cascade_routing``
-  policy file: the decision log records, per request, the router's per-tier estimates, the policy's
-  estimates at the start and after each answer, lambda and why it stopped; the headers are unchanged.
-  The lambdas are set by hand here (certification is tested on its own in tests/test_certify.py and
+  or a ``posterior_threshold`` policy file: the decision log records, per request, the router's
+  per-tier estimates, the policy's estimates at the start and after each answer, lambda or threshold
+  and why it stopped; the headers are unchanged.  The knobs are set by hand here (certification is tested on its own in tests/test_certify.py and
   tests/test_policy.py): the demo's ~100 calibration rows per task certify no cheap lambda.
 """
 
@@ -26,6 +26,7 @@ from litellm_routenlp.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDA = 0.05
+THRESHOLD = 0.6
 
 
 def write_config(tmp_path: Path, mutate=None, thresholds_path: Path | None = None) -> Path:
@@ -65,31 +66,40 @@ def test_fail_open_serves_the_top_tier_when_the_policy_does_not_match(tmp_path):
     assert decision.probabilities == [0.0, 0.0, 0.0, 1.0]
 
 
-def cascade_routing_file(tmp_path: Path) -> Path:
+#: the knob each certified policy is served with here, set by hand (see the module docstring)
+KNOBS = {"cascade_routing": ("lambda", LAMBDA), "posterior_threshold": ("threshold", THRESHOLD)}
+
+
+def certified_policy_file(tmp_path: Path, name: str = "cascade_routing") -> Path:
+    """The demo's calibrated policy file (posterior estimator, costs, sigmas) served as ``name``."""
     document = json.loads((ROOT / "artifacts/policy-cascade-routing.json").read_text())
     assert document["policy"] == "cascade_routing"
+    document["policy"] = name
+    field, value = KNOBS[name]
     for entry in document["tasks"].values():
-        entry["lambda"] = LAMBDA
-        entry["certificate"] = {**(entry.get("certificate") or {}), "note": "lambda set by the test"}
+        entry["lambda"] = None
+        entry[field] = value
+        entry["certificate"] = {**(entry.get("certificate") or {}), "note": f"{field} set by the test"}
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(document))
     return path
 
 
-@pytest.fixture(scope="module")
-def cascade_proxy(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(KNOBS))
+def cascade_proxy(request, tmp_path_factory):
     work = tmp_path_factory.mktemp("policy-proxy")
-    config = write_config(work, thresholds_path=cascade_routing_file(work))
+    config = write_config(work, thresholds_path=certified_policy_file(work, request.param))
     process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
                            env={"ROUTENLP_ARTIFACTS_DIR": str(ROOT / "artifacts")})
     process.start(timeout=240)
     process.decision_log = work / "decisions.jsonl"
+    process.policy_name = request.param
     yield process
     process.stop()
 
 
 @pytest.mark.proxy
-def test_the_real_proxy_serves_cascade_routing_and_logs_every_estimate(cascade_proxy):
+def test_the_real_proxy_serves_each_certified_policy_and_logs_every_estimate(cascade_proxy):
     from openai import OpenAI
 
     from routenlp_core.tasks import get_task
@@ -107,7 +117,8 @@ def test_the_real_proxy_serves_cascade_routing_and_logs_every_estimate(cascade_p
     tiers_seen = set()
     for call_id, headers in headers_by_call.items():
         record = records[call_id]
-        assert record["policy"]["name"] == "cascade_routing" and record["policy"]["lambda"] == LAMBDA
+        field, value = KNOBS[cascade_proxy.policy_name]
+        assert record["policy"]["name"] == cascade_proxy.policy_name and record["policy"][field] == value
         assert set(record["router"]["acceptance"]) == {"T1", "T2", "T3", "T4"}
         assert len(record["policy"]["start_estimates"]) == 4
         assert record["policy"]["stop_reason"] in STOP_REASONS
@@ -118,5 +129,5 @@ def test_the_real_proxy_serves_cascade_routing_and_logs_every_estimate(cascade_p
         assert headers["x-routenlp-path"] == ",".join(a["tier_name"] for a in record["attempts"] if a["error"] is None)
         assert float(headers["x-routenlp-total-cost"]) == pytest.approx(record["total_cost_usd"], rel=1e-6)
         tiers_seen.add(record["router"]["routed_tier"])
-    # the policy, not a fixed rule, picks the start: with lambda 0.05 the cheap classifier starts some
+    # the policy, not a fixed rule, picks the start: at lambda 0.05 / threshold 0.6 the cheap classifier starts some
     assert "T1" in tiers_seen

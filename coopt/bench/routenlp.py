@@ -183,6 +183,8 @@ class _RouterOwner(RoutingSystem):
 
 #: the guarantee ``RouteNLP`` certifies with by default (chosen from the benchmark: README "Results")
 DEFAULT_GUARANTEE = "ltt"
+#: the policy family ``RouteNLP`` certifies by default (chosen from the benchmark: README "Results")
+DEFAULT_FAMILY = "posterior_threshold"
 
 
 @register("RouteNLP")
@@ -191,6 +193,8 @@ class RouteNLP(_RouterOwner):
 
     certified = True
     guarantee = DEFAULT_GUARANTEE
+    #: the certified policy family (calibration.fit_cascade_routing.FAMILIES)
+    family = DEFAULT_FAMILY
 
     def __init__(self, delta: float = 0.1, method: str = "wsr", folds: int = 3, **settings: Any) -> None:
         super().__init__(delta=delta, method=method, folds=folds, **settings)
@@ -215,43 +219,45 @@ class RouteNLP(_RouterOwner):
             ex_ante[held] = router.acceptance_rows(pool[held])
         rows = bench_rows(data, pool, ex_ante)
         oof = out_of_fold_quality(rows, self.lambdas, 0, ctx.seed, int(self.defaults["max_hops"]),
-                                  str(self.defaults["no_logprobs_policy"]), fold_of)
+                                  str(self.defaults["no_logprobs_policy"]), fold_of, self.family)
         return {"pool": pool, "rows": rows, "oof": oof, "final": fit_parts(rows, ctx.seed),
                 "router": self._router(ctx, pool, name="router:pool")}
 
     @property
     def lambdas(self) -> tuple[float, ...]:
-        from calibration.fit_cascade_routing import LAMBDA_GRID
+        from calibration.fit_cascade_routing import FAMILIES
 
-        return LAMBDA_GRID
+        return FAMILIES[self.family]
 
     def fit(self, ctx: FitContext) -> None:
         from calibration.fit_cascade_routing import fit_cascade_routing
 
         RoutingSystem.fit(self, ctx)
         data = ctx.data
-        if "cascade_routing" not in ctx.shared:
-            ctx.shared["cascade_routing"] = self._cross_fit(ctx)
-        shared = ctx.shared["cascade_routing"]
+        key = f"certified:{self.family}"
+        if key not in ctx.shared:
+            ctx.shared[key] = self._cross_fit(ctx)
+        shared = ctx.shared[key]
         self.router = shared["router"]
         targets = {task: ctx.target_quality for task in data.tasks}
         fitted = fit_cascade_routing(shared["rows"], targets, guarantee=self.guarantee, delta=self.settings["delta"],
                                      method=self.settings["method"], lambdas=self.lambdas, seed=ctx.seed,
                                      max_hops=int(self.defaults["max_hops"]),
                                      no_logprobs_policy=str(self.defaults["no_logprobs_policy"]),
-                                     oof=shared["oof"], final=shared["final"])
+                                     oof=shared["oof"], final=shared["final"], family=self.family)
         self.policy, self.fitted = fitted.policy, fitted
         tasks = fitted.document["tasks"]
         self.certified_tasks = {task: bool(entry["certificate"]["certified"]) for task, entry in tasks.items()}
         quality, cost = shared["oof"]
         top = shared["rows"].quality[:, -1]
         self.operating_point = {
-            "policy": "cascade_routing", "guarantee": self.guarantee, "n_certification": int(len(shared["pool"])),
-            "lambda": {task: entry["lambda"] for task, entry in tasks.items()},
+            "policy": self.family, "guarantee": self.guarantee, "n_certification": int(len(shared["pool"])),
+            "lambda" if self.family == "cascade_routing" else "threshold":
+                {task: entry["lambda" if self.family == "cascade_routing" else "threshold"] for task, entry in tasks.items()},
             "certificates": {task: entry["certificate"] for task, entry in tasks.items()},
             "costs": {task: entry["costs"] for task, entry in tasks.items()},
             "sigmas": {task: entry["sigmas"] for task, entry in tasks.items()},
-            "out_of_fold": {task: {"lambda": list(self.lambdas),
+            "out_of_fold": {task: {"knob": list(self.lambdas),
                                    "quality_ratio": [round(float(quality[i, m].sum() / max(top[m].sum(), 1e-12)), 4)
                                                      for i in range(len(self.lambdas))],
                                    "cost_ratio": [round(float(cost[i, m].sum() / max(shared["rows"].cost[m, -1].sum(), 1e-300)), 4)
@@ -266,25 +272,31 @@ class RouteNLP(_RouterOwner):
         return policy_routes(self.policy, self.ctx.data, rows, self.router.acceptance_rows(rows))
 
     def curve(self, rows: np.ndarray) -> list[Routes]:
-        """Test routes at every lambda of the grid (same estimator): the APGR/CPT curve."""
-        from calibration.fit_cascade_routing import RowCache
-        from litellm_routenlp.policy import CascadeRouting
+        """Test routes at every knob value of the grid (same estimator): the APGR/CPT curve."""
+        from calibration.fit_cascade_routing import RowCache, family_policy, task_policy
 
         ex_ante = self.router.acceptance_rows(rows)
         out = []
         cache, memo = RowCache(self.policy.estimator), {}
-        for lam in self.fitted.document["lambda_grid"]:
-            specs = {task: dataclasses.replace(spec, lam=lam) for task, spec in self.policy.tasks.items()}
-            policy = CascadeRouting(specs, cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo=memo)
+        for knob in self.lambdas:
+            specs = {task: task_policy(self.family, knob, spec.costs, spec.sigmas) for task, spec in self.policy.tasks.items()}
+            policy = family_policy(self.family, specs, cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo)
             out.append(policy_routes(policy, self.ctx.data, rows, ex_ante))
         return out
 
 
 @register("RouteNLP (CRC)")
 class RouteNLPCRC(RouteNLP):
-    """Cascade routing certified in expectation (conformal risk control) instead of with probability 1 - delta."""
+    """RouteNLP certified in expectation (conformal risk control) instead of with probability 1 - delta."""
 
     guarantee = "crc"
+
+
+@register("RouteNLP (cascade routing)")
+class RouteNLPCascadeRouting(RouteNLP):
+    """Cascade routing's lookahead (expected quality - lambda x cost), lambda certified by LTT."""
+
+    family = "cascade_routing"
 
 
 @register("RouteNLP (paper rule)")
