@@ -17,28 +17,46 @@ u <= delta[tier][task]); the cost of every tier tried is paid.  From the outcome
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from routenlp_core.allpairs import AllPairsRecord, Portfolio, acceptable
+from routenlp_core.decision_record import DecisionRecord, PolicyRecord, RouteRecord
 
 CHEAP_TIERS = ("T1", "T2")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the cascade did with one query."""
+    """What the cascade did with one query: the decision record the proxy would have written for it
+    (``routenlp_core.decision_record``), and the quality of the answer it kept."""
 
-    id: str
-    task: str
+    record: DecisionRecord
     start_tier: str
-    path: tuple[str, ...]
-    final_tier: str
-    cost_usd: float
     quality: float
     acceptable: bool
+
+    @property
+    def id(self) -> str:
+        return self.record.request_id
+
+    @property
+    def task(self) -> str:
+        return str(self.record.task)
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.record.path)
+
+    @property
+    def final_tier(self) -> str:
+        return str(self.record.final_tier)
+
+    @property
+    def cost_usd(self) -> float:
+        return float(self.record.total_cost_usd or 0.0)
 
 
 def served_tier_numbers(records: Sequence[AllPairsRecord], portfolio: Portfolio, task: str) -> list[int]:
@@ -95,10 +113,12 @@ def replay_cascade(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
                                    no_logprobs_policy=no_logprobs_policy, policy=policy,
                                    acceptance=None if acceptance is None else acceptance[index])
         final = names[result.final.tier]
-        quality = record.tiers[final].quality
-        return Outcome(id=record.id, task=record.task, start_tier=names[start],
-                       path=tuple(names[t] for t in result.path),
-                       final_tier=final, cost_usd=result.total_cost_usd, quality=quality,
+        decision = DecisionRecord(
+            request_id=record.id, task=record.task, task_status="known",
+            router=RouteRecord(routed_tier=names[start], wanted_tier=names[start]),
+            policy=PolicyRecord(name=getattr(policy, "name", "conformal_thresholds"), stop_reason=result.stop_reason),
+            attempts=tuple(result.attempts), final_tier=final, total_cost_usd=result.total_cost_usd)
+        return Outcome(record=decision, start_tier=names[start], quality=record.tiers[final].quality,
                        acceptable=acceptable(record, final, portfolio.tau(record.task)))
 
     async def run_all() -> list[Outcome]:
@@ -157,7 +177,10 @@ def evaluate(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: An
 
 
 def outcome_dicts(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    return [{**asdict(o), "path": list(o.path)} for o in outcomes]
+    """``outcomes.jsonl`` rows: the figures of each query, then its decision record."""
+    return [{"id": o.id, "task": o.task, "start_tier": o.start_tier, "path": list(o.path), "final_tier": o.final_tier,
+             "cost_usd": o.cost_usd, "quality": o.quality, "acceptable": o.acceptable, "record": o.record.to_dict()}
+            for o in outcomes]
 
 
 def tier_quality(records: Sequence[AllPairsRecord], portfolio: Portfolio, tier: str,

@@ -47,6 +47,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from routenlp_core.decision_record import DecisionRecord
+
 SPEND_LOGS_TABLE = "LiteLLM_SpendLogs"
 PARENT_KEY = "routenlp_parent_call_id"
 TIER_KEY = "routenlp_tier"
@@ -118,6 +120,15 @@ class RequestRecord:
         return out
 
     @classmethod
+    def from_decision(cls, record: DecisionRecord) -> "RequestRecord":
+        """The decision log's view of a request (its attempts as calls, the router's choice)."""
+        calls = tuple(TierCall(tier=a.tier_name, uncertainty=a.uncertainty, cost_usd=a.cost_usd, escalated=a.escalated,
+                               model_id=a.model_id, call_id=a.call_id, error=a.error) for a in record.attempts)
+        return cls(request_id=record.request_id, task=record.task, prompt=record.prompt, calls=calls,
+                   source="decision_log", routed_tier=record.router.routed_tier if record.router else None,
+                   ts=record.ts, client_call_id=record.client_call_id)
+
+    @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "RequestRecord":
         calls = tuple(TierCall(**call) for call in raw.get("calls") or [])
         return cls(request_id=str(raw["request_id"]), task=raw.get("task"), prompt=raw.get("prompt"), calls=calls,
@@ -130,29 +141,18 @@ class RequestRecord:
 
 
 def read_decision_log(path: str | os.PathLike[str]) -> list[RequestRecord]:
-    """Every complete request of a RouteNLP decision log (failed requests without attempts are skipped)."""
-    from litellm_routenlp.decision_log import read_decisions
+    """Every complete request of a RouteNLP decision log, any record version (failed requests without
+    attempts are skipped, as is a request retracted by a later ``failed_after_answer`` record)."""
+    from litellm_routenlp.decision_log import read_records
 
     out: dict[str, RequestRecord] = {}
     retracted: set[str] = set()
-    for raw in read_decisions(path):
-        if raw.get("outcome") == "failed_after_answer" and raw.get("request_id"):
-            retracted.add(str(raw["request_id"]))  # answered, then lost on the way out: not served
+    for record in read_records(path):
+        if record.outcome == "failed_after_answer":
+            retracted.add(record.request_id)  # answered, then lost on the way out: not served
             continue
-        attempts = raw.get("attempts") or []
-        if not attempts or not raw.get("request_id"):
-            continue
-        calls = tuple(TierCall(tier=a.get("tier_name") or (f"T{a['tier']}" if a.get("tier") else None),
-                               uncertainty=_number(a.get("uncertainty")), cost_usd=_number(a.get("cost_usd")) or 0.0,
-                               escalated=bool(a.get("escalated")), model_id=a.get("model_id"),
-                               call_id=a.get("call_id"), error=a.get("error"))
-                      for a in attempts)
-        router = raw.get("router") or {}
-        request_id = str(raw["request_id"])
-        out.setdefault(request_id, RequestRecord(
-            request_id=request_id, task=raw.get("task"), prompt=raw.get("prompt"), calls=calls,
-            source="decision_log", routed_tier=router.get("routed_tier"), ts=raw.get("ts"),
-            client_call_id=raw.get("client_call_id")))
+        if record.attempts:
+            out.setdefault(record.request_id, RequestRecord.from_decision(record))
     return [record for request_id, record in out.items() if request_id not in retracted]
 
 

@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Optional, Sequence
+
+from routenlp_core.decision_record import Attempt
 
 from .policy import ConformalThresholds, PolicyAnswer, StepDecision, StepState, should_escalate
 from .thresholds import Thresholds
-
-
-@dataclass
-class Attempt:
-    """One tier tried for a request."""
-
-    tier: int
-    tier_name: str
-    model_id: Optional[str]
-    uncertainty: Optional[float]
-    threshold: Optional[float]
-    cost_usd: float
-    latency_ms: float
-    escalated: bool = False
-    error: Optional[str] = None
-    estimates: Optional[list[float]] = None   # cascade_routing: per-tier estimates after this answer
-    reason: Optional[str] = None              # the policy's reason for its decision after this answer
 
 
 @dataclass
@@ -67,8 +52,6 @@ class CascadeResult:
     def path(self) -> list[int]:
         return [attempt.tier for attempt in self.attempts if attempt.error is None]
 
-    def attempts_as_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(attempt) for attempt in self.attempts]
 
 
 async def run_cascade(
@@ -103,10 +86,6 @@ async def run_cascade(
         answers[current.tier] = current
         seen.append(PolicyAnswer(tier=current.tier, uncertainty=current.uncertainty, margin=current.margin,
                                  text=current.text, cost_usd=current.cost_usd))
-        attempt = Attempt(tier=current.tier, tier_name=name, model_id=current.model_id,
-                          uncertainty=current.uncertainty, threshold=None, cost_usd=current.cost_usd,
-                          latency_ms=current.latency_ms)
-        result.attempts.append(attempt)
         state = StepState(task=task, answers=tuple(seen), available_tiers=(), hops=hops, tier_names=tier_names,
                           acceptance=ex_ante)
         pre_check = getattr(policy, "pre_check", None)
@@ -115,9 +94,11 @@ async def run_cascade(
             state = dataclasses.replace(state, available_tiers=tuple(await available_tiers()))
             decision = policy.step(state)
         result.decisions.append(decision)
-        attempt.threshold = decision.threshold
-        attempt.reason = decision.reason
-        attempt.estimates = None if decision.estimates is None else [round(v, 6) for v in decision.estimates]
+        result.attempts.append(Attempt(
+            tier=current.tier, tier_name=name, model_id=current.model_id, uncertainty=current.uncertainty,
+            threshold=decision.threshold, cost_usd=current.cost_usd, latency_ms=current.latency_ms,
+            reason=decision.reason,
+            estimates=None if decision.estimates is None else tuple(round(v, 6) for v in decision.estimates)))
         result.final = answers.get(decision.answer_tier, current)
         if decision.stop:
             result.stop_reason = decision.stop_reason
@@ -127,7 +108,7 @@ async def run_cascade(
             result.escalation_skipped = "key budget"
             result.stop_reason = "key budget"
             break
-        attempt.escalated = True
+        result.attempts[-1] = replace(result.attempts[-1], escalated=True)
         hops += 1
         started = time.perf_counter()
         try:

@@ -42,6 +42,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from routenlp_core.decision_record import DecisionRecord
+
 _STOP = object()  # queued by close(): everything queued before it is committed, then the writer exits
 FIELD_LIMIT = 8192  # characters kept per string field of a record (module docstring)
 CUT_MARKER = "…[+{} chars cut]"
@@ -198,10 +200,12 @@ class DecisionLog:
                 os.write(self._fd, b"\n")
 
     @staticmethod
-    def _line(record: Mapping[str, Any]) -> bytes:
-        return (json.dumps(cap_strings(record), ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
+    def _line(record: DecisionRecord | Mapping[str, Any]) -> bytes:
+        """The record's one serialisation (a :class:`DecisionRecord`, or a mapping already in its shape)."""
+        raw = record.to_dict() if isinstance(record, DecisionRecord) else record
+        return (json.dumps(cap_strings(raw), ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
 
-    def submit(self, record: Mapping[str, Any]) -> Future:
+    def submit(self, record: DecisionRecord | Mapping[str, Any]) -> Future:
         """Serialise ``record`` here (so a bad record fails in the caller) and queue it for the writer.
 
         The future resolves to ``None`` once the record is written and fsync'd, or raises the write/fsync
@@ -209,11 +213,11 @@ class DecisionLog:
         """
         return self._writer.submit(self._line(record))
 
-    def append(self, record: Mapping[str, Any]) -> None:
+    def append(self, record: DecisionRecord | Mapping[str, Any]) -> None:
         """Blocking append: returns once the record is on disk."""
         self.submit(record).result()
 
-    async def append_async(self, record: Mapping[str, Any]) -> None:
+    async def append_async(self, record: DecisionRecord | Mapping[str, Any]) -> None:
         """Awaitable append for the event loop (no worker-thread hop): returns once the record is on disk."""
         await asyncio.wrap_future(self.submit(record))
 
@@ -237,3 +241,14 @@ def read_decisions(path: str | os.PathLike[str], strict: bool = False) -> Iterat
                 continue
             if isinstance(record, dict):
                 yield record
+
+
+def read_records(path: str | os.PathLike[str], strict: bool = False) -> Iterator[DecisionRecord]:
+    """Every complete record as a :class:`DecisionRecord` (any version); one that is not a record at all
+    (no request id, an unknown version) is skipped, or raises naming file:line when ``strict``."""
+    for line_number, raw in enumerate(read_decisions(path, strict=strict), start=1):
+        try:
+            yield DecisionRecord.from_dict(raw)
+        except ValueError as error:
+            if strict:
+                raise ValueError(f"{path}: record {line_number}: {error}") from None

@@ -33,11 +33,13 @@ import logging
 import secrets
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncGenerator, Optional, Sequence
 
 from litellm.integrations.custom_logger import CustomLogger
+from routenlp_core.decision_record import DecisionRecord, PolicyRecord, RouteRecord, tier_map
 
 from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
 from .config import RouteNLPSettings, SettingsError, load_settings
@@ -465,8 +467,7 @@ class RouteNLPCallback(CustomLogger):
         decision = state["decision"]
         logging_off = _message_logging_off(data)
         if logging_off:  # provider errors may quote the prompt: keep only the exception type
-            for attempt in result.attempts:
-                attempt.error = redact_error(attempt.error)
+            result.attempts = [replace(attempt, error=redact_error(attempt.error)) for attempt in result.attempts]
             result.escalation_error = redact_error(result.escalation_error)
         state["result"] = {
             "final_tier": result.final.tier,
@@ -476,42 +477,42 @@ class RouteNLPCallback(CustomLogger):
             "escalation_error": result.escalation_error,
             "escalation_skipped": result.escalation_skipped,
         }
-        attempts = result.attempts_as_dicts()
         escalation_calls = state.get("escalation_call_ids") or {}
-        for index, attempt in enumerate(attempts):  # each tier's call id: the links coopt.logs trusts
-            attempt["call_id"] = state.get("client_call_id") if index == 0 else \
-                escalation_calls.get(str(attempt.get("tier")))
-        record: dict[str, Any] = {
-            "request_id": state.setdefault("request_id", str(uuid.uuid4())),
-            "client_call_id": state.get("client_call_id"),
-            "ts": datetime.now(timezone.utc).isoformat(),
-            "task": decision.get("task"),
-            "task_status": decision.get("task_status"),
-            "router": {
-                "probabilities": dict(zip(self.tier_names.values(), decision.get("probabilities", []))),
-                "routed_tier": self.tier_names.get(decision.get("tier") or 0),
-                "wanted_tier": self.tier_names.get(decision.get("wanted_tier") or 0),
-                "reason": decision.get("reason"),
-                "healthy_tiers": [self.tier_names.get(t) for t in decision.get("healthy_tiers", [])],
-                "router_ms": decision.get("router_ms"),
-                "acceptance": (None if decision.get("acceptance") is None
-                               else dict(zip(self.tier_names.values(), decision["acceptance"]))),
-            },
-            "policy": {"name": self.policy.name, "lambda": decision.get("lam"), "threshold": decision.get("threshold"),
-                       "start_estimates": decision.get("start_estimates"), "stop_reason": result.stop_reason},
-            "attempts": attempts,
-            "final_tier": self.tier_names.get(result.final.tier),
-            "total_cost_usd": result.total_cost_usd,
-            "total_latency_ms": (time.time() - state.get("started", time.time())) * 1000.0,
-            "escalation_error": result.escalation_error,
-            "escalation_skipped": result.escalation_skipped,
-            "stream": streamed,
-            "key_alias": (data.get("metadata") or {}).get("user_api_key_alias"),
-        }
-        if state.get("sla"):  # budget, expected latency, forced, chosen_instead_of (latency_budget.summarise)
-            record["sla"] = latency_budget.summarise([latency_budget.SlaNote(**n) for n in state["sla"]])
-        if not logging_off:
-            record["prompt"] = query_text(data.get("messages"))
+        # each tier's call id: the links coopt.logs trusts
+        attempts = tuple(replace(attempt, call_id=state.get("client_call_id") if index == 0
+                                 else escalation_calls.get(str(attempt.tier)))
+                         for index, attempt in enumerate(result.attempts))
+        names = self.tier_names
+        record = DecisionRecord(
+            request_id=state.setdefault("request_id", str(uuid.uuid4())),
+            client_call_id=state.get("client_call_id"),
+            ts=datetime.now(timezone.utc).isoformat(),
+            outcome="answered",
+            task=decision.get("task"),
+            task_status=decision.get("task_status"),
+            router=RouteRecord(
+                probabilities=tier_map(names, decision.get("probabilities", [])),
+                routed_tier=names.get(decision.get("tier") or 0),
+                wanted_tier=names.get(decision.get("wanted_tier") or 0),
+                reason=decision.get("reason"),
+                healthy_tiers=tuple(names.get(t) for t in decision.get("healthy_tiers", [])),
+                router_ms=decision.get("router_ms"),
+                acceptance=tier_map(names, decision.get("acceptance"))),
+            policy=PolicyRecord(name=self.policy.name, lam=decision.get("lam"), threshold=decision.get("threshold"),
+                                start_estimates=decision.get("start_estimates"), stop_reason=result.stop_reason),
+            attempts=attempts,
+            final_tier=names.get(result.final.tier),
+            total_cost_usd=result.total_cost_usd,
+            total_latency_ms=(time.time() - state.get("started", time.time())) * 1000.0,
+            escalation_error=result.escalation_error,
+            escalation_skipped=result.escalation_skipped,
+            stream=streamed,
+            key_alias=(data.get("metadata") or {}).get("user_api_key_alias"),
+            prompt=None if logging_off else query_text(data.get("messages")),
+            # budget, expected latency, forced, chosen_instead_of (latency_budget.summarise)
+            extra={"sla": latency_budget.summarise([latency_budget.SlaNote(**n) for n in state["sla"]])}
+            if state.get("sla") else {},
+        )
         await self.decision_log.append_async(record)
         state["recorded"] = True
         prometheus_metrics.observe_answer(self._task_label(decision), decision, state["result"], self.tier_names,
@@ -703,23 +704,19 @@ class RouteNLPCallback(CustomLogger):
         if state.get("recorded"):
             # the answer was recorded, then the request failed on its way out: the client did not get it,
             # so a second record retracts the first (coopt.logs drops a request retracted so)
-            await self.decision_log.append_async({
-                "request_id": state["request_id"], "client_call_id": state.get("client_call_id"),
-                "ts": datetime.now(timezone.utc).isoformat(), "outcome": "failed_after_answer",
-                "attempts": [], "final_tier": None, "error": error})
+            await self.decision_log.append_async(DecisionRecord(
+                request_id=state["request_id"], client_call_id=state.get("client_call_id"),
+                ts=datetime.now(timezone.utc).isoformat(), outcome="failed_after_answer", error=error))
             return None
-        record = {
-            "request_id": state["request_id"],
-            "client_call_id": state.get("client_call_id"),
-            "ts": datetime.now(timezone.utc).isoformat(),
-            "task": state["decision"].get("task"),
-            "router": {"probabilities": state["decision"].get("probabilities"),
-                       "routed_tier": self.tier_names.get(state["decision"].get("tier") or 0)},
-            "attempts": [],
-            "final_tier": None,
-            "error": error,
-        }
-        await self.decision_log.append_async(record)
+        decision = state["decision"]
+        await self.decision_log.append_async(DecisionRecord(
+            request_id=state["request_id"], client_call_id=state.get("client_call_id"),
+            ts=datetime.now(timezone.utc).isoformat(), outcome="failed", task=decision.get("task"),
+            task_status=decision.get("task_status"),
+            router=RouteRecord(probabilities=tier_map(self.tier_names, decision.get("probabilities")),
+                               routed_tier=self.tier_names.get(decision.get("tier") or 0),
+                               router_ms=decision.get("router_ms")),
+            error=error))
         state["recorded"] = True
         prometheus_metrics.observe_failure(self._task_label(state["decision"]))
         return None

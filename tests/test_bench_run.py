@@ -44,14 +44,17 @@ def _synthetic_file(folder: Path) -> tuple[Path, Path]:
 
 def _recompute_ratio(data_path: Path, decisions: list[dict], system: str, top: str) -> tuple[float, float]:
     """Quality and cost ratios from decisions.jsonl and the data alone (what a reader would do)."""
+    from routenlp_core.decision_record import DecisionRecord
+
     rows = {json.loads(line)["id"]: json.loads(line) for line in data_path.read_text().splitlines() if line}
     by_task: dict[str, list[float]] = {}
     for decision in decisions:
         if decision["system"] != system:
             continue
-        row = rows[decision["id"]]
-        q = row["tiers"][decision["final_tier"]]["quality"]
-        c = sum(row["tiers"][t]["cost_usd"] for t in decision["tiers_tried"])
+        record = DecisionRecord.from_dict(decision)  # each line is the proxy's record format
+        row = rows[record.request_id]
+        q = row["tiers"][record.final_tier]["quality"]
+        c = sum(row["tiers"][t]["cost_usd"] for t in record.path)
         sums = by_task.setdefault(row["task"], [0.0, 0.0, 0.0, 0.0, 0])
         sums[0] += q
         sums[1] += c

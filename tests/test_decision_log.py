@@ -314,3 +314,64 @@ def test_unserialisable_record_fails_in_the_caller(tmp_path):
     log.append({"request_id": "y"})
     log.close()
     assert _ids(tmp_path / "d.jsonl") == ["y"]
+
+
+# ---------------------------------------------------------------- the typed record (routenlp_core.decision_record)
+from routenlp_core.decision_record import (RECORD_VERSION, Attempt, DecisionRecord, PolicyRecord,  # noqa: E402
+                                           RouteRecord)
+from litellm_routenlp.decision_log import read_records  # noqa: E402
+
+
+def _answered() -> DecisionRecord:
+    return DecisionRecord(
+        request_id="r1", client_call_id="c1", ts="2026-01-01T00:00:00+00:00", task="banking77", task_status="known",
+        router=RouteRecord(probabilities={"T1": 0.7, "T2": 0.3}, routed_tier="T1", wanted_tier="T1", reason="ok",
+                           healthy_tiers=("T1", "T2"), router_ms=0.4),
+        policy=PolicyRecord(name="conformal_thresholds", stop_reason="accepted"),
+        attempts=(Attempt(tier=1, tier_name="T1", uncertainty=0.6, threshold=0.3, cost_usd=1e-5, latency_ms=2.0,
+                          escalated=True, call_id="c1"),
+                  Attempt(tier=2, tier_name="T2", uncertainty=0.1, threshold=0.3, cost_usd=1e-4, latency_ms=3.0,
+                          estimates=(0.5, 0.9), call_id="e2")),
+        final_tier="T2", total_cost_usd=1.1e-4, total_latency_ms=5.5, stream=False, prompt="lost my card",
+        extra={"sla": {"budget_ms": 800}})
+
+
+def test_decision_record_round_trips_through_the_log_with_version_and_unknown_keys(tmp_path):
+    log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
+    log.append(_answered())
+    log.close()
+    raw = next(read_decisions(tmp_path / "d.jsonl"))
+    assert raw["record_version"] == RECORD_VERSION and raw["outcome"] == "answered"
+    assert raw["router"]["probabilities"] == {"T1": 0.7, "T2": 0.3} and raw["attempts"][1]["estimates"] == [0.5, 0.9]
+    assert raw["sla"] == {"budget_ms": 800} and "error" not in raw  # unset error/prompt are left out
+    back = next(read_records(tmp_path / "d.jsonl"))
+    assert back == _answered() and back.path == ["T1", "T2"]
+    assert DecisionRecord.from_json(back.to_json()) == back
+
+
+def test_version_1_records_still_read():
+    """Lines as the plugin wrote them before the typed record: no version, no outcome; a failure record's
+    probabilities as a list; a retraction."""
+    failed = DecisionRecord.from_json('{"request_id": "f", "ts": "t", "task": "clinc150", "router": '
+                                      '{"probabilities": [0.25, 0.75], "routed_tier": "T2"}, "attempts": [], '
+                                      '"final_tier": null, "error": "APIError: down"}')
+    assert failed.record_version == 1 and failed.outcome == "failed" and failed.error == "APIError: down"
+    assert failed.router.probabilities == {"T1": 0.25, "T2": 0.75}
+    retract = DecisionRecord.from_json('{"request_id": "a", "outcome": "failed_after_answer", "attempts": [], '
+                                       '"final_tier": null, "error": "X"}')
+    assert retract.outcome == "failed_after_answer"
+    old = DecisionRecord.from_json('{"request_id": "o", "attempts": [{"tier_name": "T1", "uncertainty": 0.2, '
+                                   '"cost_usd": 1e-05}], "final_tier": "T1"}')
+    assert old.outcome == "answered" and old.attempts[0].tier is None and old.path == ["T1"]
+    assert old.with_version().to_dict()["record_version"] == RECORD_VERSION
+
+
+def test_a_record_of_an_unknown_version_or_outcome_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="record_version 9"):
+        DecisionRecord.from_json('{"request_id": "x", "record_version": 9}')
+    with pytest.raises(ValueError, match="outcome"):
+        DecisionRecord(request_id="x", outcome="maybe")
+    (tmp_path / "d.jsonl").write_text('{"request_id": "x", "record_version": 9}\n')
+    assert list(read_records(tmp_path / "d.jsonl")) == []
+    with pytest.raises(ValueError, match="d.jsonl: record 1"):
+        list(read_records(tmp_path / "d.jsonl", strict=True))

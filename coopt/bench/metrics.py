@@ -18,14 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-
-@dataclass
-class Decision:
-    """One query's outcome: the tiers tried (cost order) and the tier whose answer was kept."""
-
-    id: str
-    tiers_tried: list[str]
-    final_tier: str
+from routenlp_core.decision_record import Attempt, DecisionRecord
 
 
 @dataclass
@@ -70,9 +63,17 @@ class Routes:
     def paths(self) -> list[list[int]]:
         return [np.nonzero(row)[0].tolist() for row in self.tried]
 
-    def decisions(self, ids: Sequence[str], tier_names: Sequence[str]) -> list[Decision]:
-        return [Decision(id=ids[row], tiers_tried=[tier_names[k] for k in path], final_tier=tier_names[final])
-                for row, path, final in zip(self.rows, self.paths(), self.final)]
+    def decisions(self, data: Any, **labels: Any) -> list[DecisionRecord]:
+        """Each query's decision record (the proxy's format; tiers 1-based, every tier tried priced from
+        the data, all but the kept one escalated), ``labels`` (system, seed) kept beside its fields."""
+        out = []
+        for row, path, final in zip(self.rows, self.paths(), self.final):
+            attempts = tuple(Attempt(tier=k + 1, tier_name=data.tier_names[k], cost_usd=float(np.nan_to_num(data.cost[row, k])),
+                                     latency_ms=float(data.latency[row, k]), escalated=k != final) for k in path)
+            out.append(DecisionRecord(request_id=str(data.ids[row]), task=str(data.task_names[row]), task_status="known",
+                                      attempts=attempts, final_tier=data.tier_names[final],
+                                      total_cost_usd=float(sum(a.cost_usd for a in attempts)), extra=labels))
+        return out
 
 
 def served_only(data: Any, routes: Routes) -> Routes:

@@ -1,7 +1,8 @@
 """The benchmark's outputs: results.json, table.md (laid out like the paper's Table 2) and PNG plots.
 
 ``decisions.jsonl`` is written while the benchmark runs (:mod:`coopt.bench.run`): one line per
-system, seed and test query, from which every figure here can be recomputed with the data file.
+system, seed and test query (a ``routenlp_core.decision_record.DecisionRecord``, the proxy's format, with
+``system`` and ``seed`` beside its fields), from which every figure here can be recomputed with the data file.
 """
 
 from __future__ import annotations

@@ -263,10 +263,8 @@ def _run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: di
                 per_seed[name].append(figures)
                 values = per_query(data, routes)
                 test_values[name].append(values)
-                for decision in routes.decisions(data.ids, data.tier_names):
-                    decisions.write(json.dumps({"system": name, "seed": seed, "id": decision.id,
-                                                "tiers_tried": decision.tiers_tried,
-                                                "final_tier": decision.final_tier}) + "\n")
+                for record in routes.decisions(data, system=name, seed=seed):
+                    decisions.write(record.to_json() + "\n")
                 timings[name] += time.perf_counter() - started
                 if progress_bar is not None:
                     progress_bar.update(1)
