@@ -572,9 +572,10 @@ class RouteNLPCallback(CustomLogger):
         sla = latency_budget.header_text(notes, self.tier_names)
         if sla:
             headers["x-routenlp-sla"] = sla
-        if notes and notes[0].stage == "start" and notes[0].chosen_instead_of:
-            served = notes[0].chosen_instead_of  # the tier health left; the budget's move is in x-routenlp-sla
-        if wanted and served and wanted != served:
+        # degraded means health moved the start; a move by the budget alone is x-routenlp-sla's to say
+        healthy = notes[0].chosen_instead_of if notes and notes[0].stage == "start" and notes[0].chosen_instead_of \
+            else served
+        if wanted and served and wanted != healthy:
             headers["x-routenlp-degraded"] = (f"{self.tier_names.get(wanted, wanted)} unavailable; "
                                               f"served by {self.tier_names.get(served, served)}")
         if outcome.get("escalation_skipped"):

@@ -357,3 +357,38 @@ def test_bench_simulation_with_a_budget_moves_queries_off_a_slow_tier():
     only_t2 = simulate_sla(paths[1:2], [0.05, 0.8], 10.0, config, np.random.default_rng(4), quantile="p99",
                            allowed=np.array([[False, True]]), quality=quality[1:2])
     assert only_t2["quality_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("task, probabilities, down, slow, served, sla, degraded", [
+    # banking77 wants T3, T3 is slow: the nearest cheaper eligible tier (T1); health played no part
+    ("banking77", [0.1, 0.0, 0.8, 0.1], set(), {3: 2000.0}, 1, "start T1 instead of T3 (2000 ms)", None),
+    # bitext wants T3, T3 is down (generation goes up: T4), T4 is slow: the budget takes T2
+    ("bitext", [0.0, 0.1, 0.8, 0.1], {3}, {4: 3000.0}, 2, "start T2 instead of T4 (3000 ms)",
+     "T3 unavailable; served by T2"),
+    # the wanted tier is within budget: nothing forced, no header
+    ("banking77", [0.1, 0.0, 0.8, 0.1], set(), {3: 100.0}, 3, None, None),
+])
+def test_start_over_budget_at_the_filter_hook(tmp_path, task, probabilities, down, slow, served, sla, degraded):
+    from test_reliability import _callback, _deployments
+
+    from litellm_routenlp.plugin import STATE_KEY
+    from litellm_routenlp.routing import RoutingDecision
+
+    def mutate(document):
+        for name in ("banking77", "bitext"):
+            document["routenlp_settings"]["tasks"][name]["latency_budget_ms"] = 800
+
+    callback, document = _callback(tmp_path, mutate)
+    for tier, ms in slow.items():
+        callback.sla.latencies.observe(tier, ms)
+    decision = {"task": task, "task_status": "known", "probabilities": probabilities, "router_ms": 1.0}
+    metadata = {STATE_KEY: callback._new_state(RoutingDecision.from_dict(decision), {})}
+    kept = asyncio.run(callback.async_filter_deployments(
+        "routenlp", _deployments(document, without=down), [{"role": "user", "content": "x"}],
+        request_kwargs={"metadata": metadata}))
+    assert {d["model_info"]["routenlp_tier"] for d in kept} == {served}
+    state = metadata[STATE_KEY]
+    headers = callback._headers(state, {"final_tier": served, "path": [served], "uncertainties": [0.1]})
+    assert (headers.get("x-routenlp-sla") or "").startswith(sla or "") and (sla is None) == ("x-routenlp-sla" not in headers)
+    assert headers.get("x-routenlp-degraded") == degraded, headers
+    assert state["sla"][0]["forced"] == (sla is not None)
