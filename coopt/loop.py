@@ -429,23 +429,24 @@ class Pipeline:
         return out
 
     def students(self, task: str) -> list[tuple[str, str]]:
-        """(tier name, method) of the cheap tiers of the config that can be distilled into for ``task``."""
+        """(tier name, method) of the tiers below the teacher that serve ``task`` and that the portfolio
+        declares distillable (``tiers[].distill``); ``label`` only for tasks with a label set."""
         from coopt.failures import top_tier
         from coopt.label import tier_router
         from routenlp_core.tasks import get_task
 
         _, names, served = tier_router(self.settings.config)
         teacher = top_tier(self.settings.config, task)
-        models = tier_models(self.settings.config)
+        declared = {tier.name: tier.distill for tier in self.portfolio.tiers}
         out = []
         for name in names[:names.index(teacher)]:
             if served[name] is not None and task not in served[name]:
                 continue
-            model = models.get(name, "")
-            if model.endswith("/classifier") and get_task(task).labels() is not None:
-                out.append((name, "label"))
-            elif model.endswith("/smollm2"):
-                out.append((name, "seqkd_lora"))
+            method = declared.get(name)
+            if method == "label" and get_task(task).labels() is None:
+                continue
+            if method is not None:
+                out.append((name, method))
         return out
 
     def distill(self, items: Sequence[Any], previous: Path, out_dir: Path, n: Optional[int],

@@ -165,7 +165,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          systems=[s.strip() for s in args.systems.split(",")] if args.systems else None,
                          queue=queue, bootstrap=args.bootstrap, sweeps=not args.no_sweeps,
                          encoder_dir=Path(args.encoder), cache_path=Path(args.cache) if args.cache else None,
-                         progress=not args.no_progress, certify_baselines=args.certify_baselines)
+                         progress=not args.no_progress, certify_baselines=args.certify_baselines,
+                         threads=args.threads)
     if args.dataset:
         results = bench_shared(args.dataset, Path(args.out), config)
         for name in results:
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="artifacts/encoder-static",
                    help="encoder of the learned systems' embeddings (default: the static encoder the proxy serves; "
                         "artifacts/encoder: MiniLM)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for the encoder and numeric work (2 uses both cores of an idle machine)")
     p.add_argument("--certify-baselines", action="store_true",
                    help="choose every baseline's knob by Learn-then-Test (WSR, delta 0.1), as RouteNLP's lambda")
     p.add_argument("--cache", default=None, help="embedding cache file (default artifacts/cache/bench-embeddings-*)")

@@ -92,10 +92,17 @@ class AllPairsRecord:
 
 @dataclass(frozen=True)
 class TierSpec:
-    """A tier of the portfolio: its name (T1..) and the model behind it."""
+    """A tier of the portfolio: its name (T1..), the model behind it, and how the co-optimisation loop
+    may distil into it (``distill``: one of :data:`DISTILL_METHODS`, None: it is never a student)."""
 
     name: str
     model: str
+    distill: Optional[str] = None
+
+
+#: how a tier learns from the teacher's answers: ``label`` refits a classifier head on the teacher's
+#: labels (tasks with a label set only), ``seqkd_lora`` trains a LoRA adapter on its answers (SeqKD)
+DISTILL_METHODS = ("label", "seqkd_lora")
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ class Portfolio:
             raise KeyError(f"task {task!r} is not in the portfolio ({', '.join(sorted(self.tasks))})") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tiers": [{"name": t.name, "model": t.model} for t in self.tiers],
+        return {"tiers": [{"name": t.name, "model": t.model, **({"distill": t.distill} if t.distill else {})}
+                          for t in self.tiers],
                 "tasks": {name: {"metric": s.metric, "tau": s.tau, "kind": s.kind}
                           for name, s in self.tasks.items()}}
 
@@ -159,7 +167,13 @@ def _portfolio_from_mapping(raw: Any, where: str) -> Portfolio:
             raise AllPairsError(f"{at}.model: must be a non-empty string")
         if name in {t.name for t in tiers}:
             raise AllPairsError(f"{at}.name: duplicate tier {name!r}")
-        tiers.append(TierSpec(name=name, model=model))
+        distill = entry.get("distill")
+        if distill is not None and distill not in DISTILL_METHODS:
+            raise AllPairsError(f"{at}.distill: must be one of {', '.join(DISTILL_METHODS)} (or absent), got {distill!r}")
+        unknown = sorted(set(entry) - {"name", "model", "distill"})
+        if unknown:
+            raise AllPairsError(f"{at}: unknown field(s) {', '.join(map(str, unknown))} (known: name, model, distill)")
+        tiers.append(TierSpec(name=name, model=model, distill=distill))
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, Mapping) or not tasks_raw:
         raise AllPairsError(f"{where}: field `tasks` must be a non-empty mapping task -> spec")

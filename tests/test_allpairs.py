@@ -136,6 +136,8 @@ def test_inconsistent_tiers_without_portfolio(real, tmp_path):
     ("tiers: [{name: T1, model: m}]\ntasks: {a: {metric: accuracy, tau: 1.0, kind: chat}}\n", "tasks.a.kind"),
     ("tiers: [{name: T1, model: m}, {name: T1, model: n}]\ntasks: {a: {metric: f1, tau: 0.5}}\n", "tiers[1].name"),
     ("tiers: [{name: T1}]\ntasks: {a: {metric: f1, tau: 0.5}}\n", "tiers[0].model"),
+    ("tiers: [{name: T1, model: m, distill: guess}]\ntasks: {a: {metric: f1, tau: 0.5}}\n", "tiers[0].distill"),
+    ("tiers: [{name: T1, model: m, distil: label}]\ntasks: {a: {metric: f1, tau: 0.5}}\n", "tiers[0]: unknown field(s) distil"),
 ])
 def test_bad_portfolio_names_the_field(tmp_path, yaml_text, field):
     path = tmp_path / "portfolio.yaml"

@@ -29,3 +29,37 @@ def test_settings_round_trip_through_run_json(tmp_path):
     save_settings(settings)
     again = load_settings(tmp_path)
     assert again == settings and again.tasks == ("banking77",)
+
+
+def test_bench_config_refuses_an_unknown_key_and_a_bad_value_naming_them():
+    from pydantic import ValidationError
+
+    from coopt.bench.run import BenchConfig
+
+    with pytest.raises(ValidationError, match=r"seed\n.*Extra inputs are not permitted"):
+        BenchConfig(seed=3)
+    with pytest.raises(ValidationError, match=r"seeds\n.*greater than or equal to 1"):
+        BenchConfig(seeds=0)
+    config = BenchConfig(seeds=2)
+    with pytest.raises(ValidationError, match="threads"):
+        config.threads = 0  # assignment is validated too
+    assert config.seeds == 2 and config.threads == 1
+
+
+def test_which_tiers_coopt_distils_is_read_from_the_portfolio(tmp_path):
+    """The demo portfolio declares T1 (label) and T2 (SeqKD + LoRA); a tier without `distill` is never a
+    student whatever its model is called, and a tier is a student only of the tasks it serves."""
+    from coopt.loop import Pipeline
+    from routenlp_core.allpairs import load_portfolio
+
+    settings = CooptSettings(run_dir=str(tmp_path))
+    pipeline = Pipeline(settings)
+    assert pipeline.students("banking77") == [("T1", "label")]     # T2 serves bitext only
+    assert pipeline.students("bitext") == [("T2", "seqkd_lora")]
+    text = (tmp_path / "p.yaml")
+    text.write_text("tiers:\n  - {name: T1, model: routenlp-local/classifier}\n"
+                    "  - {name: T2, model: routenlp-local/smollm2, distill: seqkd_lora}\n"
+                    "  - {name: T3, model: routenlp-local/retrieval}\n  - {name: T4, model: routenlp-local/replay}\n"
+                    "tasks: {banking77: {metric: accuracy, tau: 0.92}}\n")
+    pipeline.portfolio = load_portfolio(text)
+    assert pipeline.students("banking77") == [] and pipeline.students("bitext") == [("T2", "seqkd_lora")]

@@ -12,7 +12,6 @@ its prompts, later runs only read them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -104,8 +103,8 @@ class BenchData:
         return np.concatenate([self.embeddings[rows], self.task_onehot(rows)], axis=1)
 
     def load_embeddings(self, encoder_dir: Path, cache_path: Optional[Path] = None, chunk: int = 1000,
-                        progress: Optional[Callable[[int], None]] = None) -> None:
-        self.embeddings = cached_embeddings(self.prompts, encoder_dir, cache_path, chunk, progress)
+                        progress: Optional[Callable[[int], None]] = None, threads: int = 1) -> None:
+        self.embeddings = cached_embeddings(self.prompts, encoder_dir, cache_path, chunk, progress, threads)
 
     def split(self, seed: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> Split:
         """Seeded train / calibration / test split within each (file, task) group."""
@@ -150,8 +149,10 @@ def default_cache_path(encoder_dir: Path) -> Path:
 
 
 def cached_embeddings(texts: Sequence[str], encoder_dir: Path, cache_path: Optional[Path] = None,
-                      chunk: int = 1000, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """(n, 384) embeddings of ``texts`` with the frozen fp32 ONNX encoder, through the cache.
+                      chunk: int = 1000, progress: Optional[Callable[[int], None]] = None,
+                      threads: int = 1) -> np.ndarray:
+    """(n, 384) embeddings of ``texts`` with the frozen fp32 ONNX encoder (``threads`` ONNX threads),
+    through the cache.
 
     Missing texts are encoded ``chunk`` at a time and the cache saved after each chunk, so an
     interrupted first run keeps its work.  ``progress(k)`` is called with the number just encoded.
@@ -166,7 +167,7 @@ def cached_embeddings(texts: Sequence[str], encoder_dir: Path, cache_path: Optio
     unique = list(dict.fromkeys(texts))
     missing = [text for text in unique if text_key(text) not in cache._rows]  # noqa: SLF001 (same package family)
     if missing:
-        encoder = OnnxSentenceEncoder(encoder_dir, quantized=False, threads=int(os.environ.get("ROUTENLP_BENCH_THREADS", "1")))
+        encoder = OnnxSentenceEncoder(encoder_dir, quantized=False, threads=threads)
         for start in range(0, len(missing), chunk):
             part = missing[start:start + chunk]
             cache.embed(part, encoder)

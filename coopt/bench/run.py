@@ -18,11 +18,11 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from routenlp_core.allpairs import Portfolio, data_sha256, load_portfolio, read_allpairs
 import coopt.bench.baselines  # noqa: F401  (importing registers the baselines)
@@ -43,21 +43,25 @@ REFERENCE = "RouteNLP"
 PAPER_RULE = "RouteNLP (paper rule)"  # its alpha/delta/tau/route-confidence sweeps are Tables 12-13
 
 
-@dataclass
-class BenchConfig:
-    seeds: int = 5
+class BenchConfig(BaseModel):
+    """The benchmark's settings.  A pydantic model that rejects unknown keys (a misspelt setting is an
+    error naming it, not a silently ignored default) and checks every type at construction."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+    seeds: int = Field(5, ge=1)
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    systems: Optional[Sequence[str]] = None
-    target_quality: float = TARGET_QUALITY
-    queue: QueueConfig = field(default_factory=QueueConfig)
-    bootstrap: int = 1000
+    systems: Optional[list[str]] = None
+    target_quality: float = Field(TARGET_QUALITY, gt=0.0, le=1.0)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    bootstrap: int = Field(1000, ge=0)
     sweeps: bool = True
     #: the static encoder the proxy serves (no MiniLM pass over the prompts: a cold MiniLM cache costs
     #: ~17 CPU-minutes on the shared sets); artifacts/encoder gives the MiniLM embeddings
     encoder_dir: Path = Path("artifacts/encoder-static")
     cache_path: Optional[Path] = None
     progress: bool = True
-    threads: int = 1
+    threads: int = Field(1, ge=1)
     certify_baselines: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -472,7 +476,7 @@ def bench_files(data_paths: Sequence[Path], portfolio_path: Path, out_dir: Path,
     with tqdm(total=len(data.prompts), desc=f"embed {name or ''}".strip(), unit="q", disable=not config.progress,
               leave=False) as bar:
         bar.update(0)
-        data.load_embeddings(config.encoder_dir, cache_path, progress=bar.update)
+        data.load_embeddings(config.encoder_dir, cache_path, progress=bar.update, threads=config.threads)
     meta = {"name": name or Path(data_paths[0]).stem, "files": [str(p) for p in data_paths],
             "sha256": {str(p): data_sha256(p) for p in data_paths}, "portfolio": portfolio.to_dict(),
             "n": data.n, "tasks": {task: int(np.sum(data.task_names == task)) for task in data.tasks},
