@@ -392,3 +392,26 @@ def test_start_over_budget_at_the_filter_hook(tmp_path, task, probabilities, dow
     assert (headers.get("x-routenlp-sla") or "").startswith(sla or "") and (sla is None) == ("x-routenlp-sla" not in headers)
     assert headers.get("x-routenlp-degraded") == degraded, headers
     assert state["sla"][0]["forced"] == (sla is not None)
+
+
+def test_bench_reports_sla_routing_for_every_routenlp_system(tmp_path):
+    from test_bench_run import ENCODER, _synthetic_file
+
+    from routenlp_cli.cli import main
+
+    if not (ENCODER / "model.onnx").is_file():
+        pytest.skip("run `make` (exports the encoder)")
+    data_path, portfolio_path = _synthetic_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["bench", "--data", str(data_path), "--portfolio", str(portfolio_path), "--out", str(out),
+                 "--systems", "RouteNLP,RouteNLP (paper rule),Random", "--seeds", "1", "--n-arrivals", "2000",
+                 "--arrivals", "1000,20000", "--bootstrap", "50", "--no-progress", "--no-sweeps",
+                 "--cache", str(tmp_path / "cache.safetensors"), "--encoder", str(ENCODER)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in ("RouteNLP", "RouteNLP (paper rule)"):
+        by_rate = results["systems"][name]["sla_routing"]
+        assert set(by_rate) == {"1000", "20000"} and set(by_rate["1000"]) == {"none", "p99", "p50"}
+        assert by_rate["1000"]["none"]["forced"]["mean"] == 0.0
+    assert "sla_routing" not in results["systems"]["Random"]
+    table = (out / "table.md").read_text()
+    assert "SLA-aware routing" in table and "p99 1,847 ms -> 387 ms" in table and "**RouteNLP**" in table
