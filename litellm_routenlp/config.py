@@ -52,6 +52,16 @@ class TaskSettings(BaseModel):
         return self
 
 
+class ShadowAuditSettings(BaseModel):
+    """Shadow audit (shadow_audit.py): re-ask the top tier for a sample of cheaper answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(default=0.02, ge=0.0, le=1.0,
+                            description="share of answers below the top tier that are audited (0: off)")
+    max_per_hour: int = Field(default=60, ge=0, description="at most this many audits in any rolling hour")
+
+
 class RouteNLPSettings(BaseModel):
     """Everything the plugin needs; defaults are what a first deployment should use."""
 
@@ -66,6 +76,10 @@ class RouteNLPSettings(BaseModel):
     thresholds_path: Optional[Path] = Field(
         default=None, description="JSON written by `routenlp calibrate`; without it the cascade never fires")
     decision_log_path: Path = Field(default=Path("logs/routenlp_decisions.jsonl"))
+    verdicts_path: Path = Field(
+        default=Path("logs/routenlp_verdicts.jsonl"),
+        description="durable verdict records (shadow audit, POST /routenlp/verdicts, `routenlp verdicts`)")
+    shadow_audit: ShadowAuditSettings = Field(default_factory=ShadowAuditSettings)
     tasks: dict[str, TaskSettings] = Field(min_length=1)
     require_task: bool = Field(default=False, description="reject requests without metadata.task (HTTP 400)")
     unknown_task_policy: Literal["reject", "router", "top_tier"] = Field(
@@ -123,6 +137,7 @@ class RouteNLPSettings(BaseModel):
             "encoder_dir": fix(self.encoder_dir),
             "thresholds_path": fix(self.thresholds_path),
             "decision_log_path": fix(self.decision_log_path),
+            "verdicts_path": fix(self.verdicts_path),
         })
 
 

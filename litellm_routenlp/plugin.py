@@ -53,10 +53,12 @@ from .router_model import RouterArtifactError, RouterModel
 from .policy import ConformalThresholds, PolicyError, StartState, check_fitted_under, policy_from_document, \
     read_policy_document, router_sha256
 from .routing import RoutingDecision, healthy_fallback
-from .spend_tags import call_metadata, tag_routed_call, task_label
+from .shadow_audit import AuditBudget, ShadowAudit
+from .spend_tags import call_metadata, tag_audit_call, tag_routed_call, task_label
 from .streaming import chunks_from_response, collect_stream
 from .thresholds import Thresholds, ThresholdsError
 from .uncertainty import response_margin, response_uncertainty
+from .verdicts import VerdictError, VerdictRecord, VerdictStore
 
 logger = logging.getLogger("litellm_routenlp")
 
@@ -64,6 +66,7 @@ STATE_KEY = "routenlp"                      # per-request state inside data["met
 ESCALATION_KEY = "routenlp_escalation_tier"  # pins an escalation call to one tier (sealed marker)
 REQUEST_ID_KEY = "routenlp_request_id"      # the plugin's id of a request, in its spend_logs_metadata
 PARENT_REQUEST_KEY = "routenlp_parent_request_id"  # on an escalation call: the plugin id of its request
+AUDIT_KEY = "routenlp_audit"                # marks a shadow-audit call (sealed); shadow_audit.py
 # Only these parent metadata keys travel with an escalation call (never auth objects or budgets).
 ESCALATION_METADATA_WHITELIST = ("user_api_key", "user_api_key_alias", "user_api_key_hash",
                                  "user_api_key_team_id", "user_api_key_user_id", "user_api_key_org_id",
@@ -132,6 +135,10 @@ class RouteNLPCallback(CustomLogger):
         self._secret = secrets.token_bytes(32)  # seals plugin state; never leaves the process
         # SLA-aware routing (latency_budget.py): None when no task declares latency_budget_ms
         self.sla = latency_budget.SlaGuard.from_settings(settings)
+        # quality feedback (issue 13 item 4): verdict records joined to the decision log, shadow audit
+        self.verdicts = VerdictStore(settings.verdicts_path, settings.decision_log_path)
+        self.audit = ShadowAudit(AuditBudget(settings.shadow_audit.fraction, settings.shadow_audit.max_per_hour),
+                                 self._ask_top_for_audit, self._store_audit_verdict)
 
     # ------------------------------------------------------------------ seals
     def _seal(self, *parts: Any) -> str:
@@ -355,7 +362,10 @@ class RouteNLPCallback(CustomLogger):
     async def async_pre_call_deployment_hook(self, kwargs: dict, call_type: Any) -> Optional[dict]:
         """Spend tags of the call about to be made: after deployment choice and LiteLLM's tag routing."""
         metadata = call_metadata(kwargs, self.settings.model_alias)
-        if metadata is not None:
+        audit = metadata.get(AUDIT_KEY) if metadata is not None else None
+        if isinstance(audit, dict) and self._sealed(audit.get("seal"), "audit", audit.get("request_id")):
+            tag_audit_call(metadata, self.tier_names, str(audit.get("task") or "unknown"))
+        elif metadata is not None:
             state = self._state({"metadata": metadata})
             tag_routed_call(metadata, state["decision"] if state else None, self._pinned_tier(metadata) is not None,
                             self.tier_names, self.settings)
@@ -517,6 +527,45 @@ class RouteNLPCallback(CustomLogger):
         state["recorded"] = True
         prometheus_metrics.observe_answer(self._task_label(decision), decision, state["result"], self.tier_names,
                                           router_available=self.router is not None)
+        task = decision.get("task") if decision.get("task_status") == "known" else None
+        if task in self.settings.tasks and self.tiers.eligible(self.tiers.count, task):
+            self.audit.maybe_audit(data, state, result.final.text, result.final.tier, self.tiers.count, task,
+                                   self.settings.tasks[task].tau, self.tier_names[self.tiers.count])
+
+    # ------------------------------------------------------------------ quality feedback (verdicts.py)
+    async def _ask_top_for_audit(self, data: dict, state: dict) -> TierAnswer:
+        """The shadow audit's call: the top tier, none of the client's key metadata, tagged routenlp-audit
+        (shadow_audit.py says why it is never the client's spend or an escalation)."""
+        top, request_id = self.tiers.count, state["request_id"]
+        task = self._task_label(state["decision"])
+        metadata = {ESCALATION_KEY: {"tier": top, "request_id": request_id,
+                                     "seal": self._seal("escalation", request_id, top)},
+                    AUDIT_KEY: {"request_id": request_id, "task": task, "seal": self._seal("audit", request_id)},
+                    "spend_logs_metadata": {"routenlp_audit_of": request_id}}
+        if task != "unknown":
+            metadata["task"] = task
+        started = time.perf_counter()
+        response = await self.llm_router.acompletion(
+            model=self.settings.model_alias, messages=data["messages"], metadata=metadata,
+            **forwarded_params(data), logprobs=True, stream=False)
+        return self._answer(response, (time.perf_counter() - started) * 1000.0, top)
+
+    async def _store_audit_verdict(self, request_id: str, acceptable: bool, **audit: Any) -> VerdictRecord:
+        return await self.store_verdict(self.verdicts.prepare(request_id, acceptable, "audit", **audit))
+
+    def prepare_client_verdict(self, item: Any, where: str) -> VerdictRecord:
+        """A client's ``{request_id, acceptable, note?}``, checked and joined (VerdictError otherwise)."""
+        if not isinstance(item, dict):
+            raise VerdictError(f"{where}: expected an object {{request_id, acceptable, note?}}")
+        unknown = sorted(set(item) - {"request_id", "acceptable", "note"})
+        if unknown:
+            raise VerdictError(f"{where}: unknown field(s) {unknown}; a verdict has request_id, acceptable, note")
+        return self.verdicts.prepare(item.get("request_id"), item.get("acceptable"), "client", item.get("note"),
+                                     where=where)
+
+    async def store_verdict(self, record: VerdictRecord) -> VerdictRecord:
+        """Durably store one verdict (fsync'd) and count it."""
+        return await self.verdicts.store_async(record, self.settings.tasks)
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         state = self._state(data)

@@ -56,9 +56,10 @@ FALLBACKS = Counter("routenlp_fallback_total",
                     "Fail-open and fallback events: router_unavailable (fail_open start, top tier for all), "
                     "escalation_failed (previous answer returned), escalation_skipped (e.g. key budget), "
                     "request_failed (no answer)", ["task", "event"])
-# No producer yet: the shadow audit / client verdicts of issue 13 item 4 will count here.
-AUDIT_VERDICTS = Counter("routenlp_audit_verdicts_total", "Audit verdicts on answers below the top tier",
-                         ["task", "verdict"])
+# verdicts.VerdictStore counts here: the shadow audit (source=audit) and clients' verdicts (source=client)
+AUDIT_VERDICTS = Counter("routenlp_audit_verdicts_total",
+                         "Quality verdicts stored, by task, verdict (acceptable/unacceptable) and source (audit/client)",
+                         ["task", "verdict", "source"])
 
 _server_lock = threading.Lock()
 _servers: dict[tuple[str, int], Any] = {}
@@ -107,6 +108,14 @@ def observe_failure(task: str) -> None:
     """A request of ours that ended without an answer."""
     try:
         FALLBACKS.labels(task=task, event="request_failed").inc()
+    except Exception:
+        logger.exception("RouteNLP: updating Prometheus metrics failed")
+
+
+def observe_verdict(task: str, acceptable: bool, source: str) -> None:
+    """One stored verdict (:mod:`verdicts`)."""
+    try:
+        AUDIT_VERDICTS.labels(task=task, verdict="acceptable" if acceptable else "unacceptable", source=source).inc()
     except Exception:
         logger.exception("RouteNLP: updating Prometheus metrics failed")
 

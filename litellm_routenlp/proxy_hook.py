@@ -18,3 +18,8 @@ except SettingsError as error:
     sys.stderr.write(f"\nRouteNLP: refusing to start: {error}\n\n")
     sys.stderr.flush()
     raise SystemExit(3) from None
+
+# POST /routenlp/verdicts on this proxy's app, behind LiteLLM's key check (verdicts.py)
+from .verdicts import mount_verdict_route  # noqa: E402
+
+mount_verdict_route(routenlp)

@@ -37,6 +37,7 @@ TIER_TAG = TAG_PREFIX + "tier:"
 TASK_TAG = TAG_PREFIX + "task:"
 ESCALATED_TAG = TAG_PREFIX + "escalated"
 DEGRADED_TAG = TAG_PREFIX + "degraded"
+AUDIT_TAG = TAG_PREFIX + "audit"  # a shadow-audit call (shadow_audit.py): not the client's spend, not an escalation
 UNKNOWN_TASK = "unknown"
 
 
@@ -111,3 +112,11 @@ def tag_routed_call(metadata: dict[str, Any], decision: Optional[Mapping[str, An
     wanted = decision.get("wanted_tier") if decision is not None else None
     degraded = not escalated and isinstance(wanted, int) and wanted != tier
     tag_call(metadata, tier_names.get(tier, f"T{tier}"), task, escalated=escalated, degraded=degraded)
+
+
+def tag_audit_call(metadata: dict[str, Any], tier_names: Mapping[int, str], task: str) -> None:
+    """Tags of a shadow-audit call: ``routenlp-audit``, its tier and task, no escalation or degraded tag."""
+    tier = (metadata.get("model_info") or {}).get("routenlp_tier")
+    ours = [AUDIT_TAG] + ([TIER_TAG + tier_names.get(tier, f"T{tier}")] if isinstance(tier, int) else []) + \
+        [TASK_TAG + task]
+    metadata["tags"] = with_routing_tags(metadata.get("tags"), ours)

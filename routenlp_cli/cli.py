@@ -13,6 +13,7 @@
     routenlp report           --decisions D.jsonl [--since 24h] [--until T] [--verdicts V.jsonl] [--baseline B.json]
                               [--json F] [--html F] [--strict]   (operations report, drift alerts)
     routenlp check            (same inputs) exit 1 and one line per alert, else `ok`   (for cron)
+    routenlp verdicts         --file X.jsonl [--config proxy_config.yaml]   (clients' verdicts -> the durable log)
 
 Heavy dependencies (torch, transformers, scikit-learn) are imported only by the command that needs
 them, so ``routenlp --help`` and the proxy stay light.  Errors are printed as one line naming the
@@ -631,6 +632,28 @@ def _ops_report(args: argparse.Namespace) -> dict:
                         sources=[str(p) for p in (args.decisions or []) + (args.spend_logs_json or [])])
 
 
+def _cmd_verdicts(args: argparse.Namespace) -> int:
+    """Clients' verdicts from a JSONL: every line checked and joined to its decision first (an unknown
+    request id names its file:line and nothing is stored), then each one appended, fsync'd."""
+    from litellm_routenlp.config import load_settings
+    from litellm_routenlp.verdicts import VerdictStore, read_client_file
+
+    settings, _ = load_settings(args.config)
+    store = VerdictStore(settings.verdicts_path, settings.decision_log_path)
+    try:
+        items = read_client_file(args.file)
+        records = [store.prepare(item.get("request_id"), item.get("acceptable"), "client", item.get("note"),
+                                 where=where) for where, item in items]
+        if len({r.request_id for r in records}) != len(records):
+            raise ValueError(f"{args.file}: a request id appears twice")
+        for record in records:
+            store.store(record, settings.tasks)
+    finally:
+        store.close()
+    print(f"stored {len(records)} verdicts in {settings.verdicts_path}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from coopt.ops_report import render_text, write_html, write_json
 
@@ -669,7 +692,8 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--thresholds", default="artifacts/thresholds.json",
                        help="thresholds / policy file: certified targets (and escalation baselines if it has them)")
         p.add_argument("--baseline", help="escalation baseline: `routenlp report --json` of a reference window")
-        p.add_argument("--verdicts", help="verdicts JSONL: {request_id, acceptable, source} per line")
+        p.add_argument("--verdicts", help="verdicts JSONL: {request_id, acceptable, source} per line "
+                                          "(the proxy writes routenlp_settings.verdicts_path)")
         p.add_argument("--target", action="append", help="certified quality target override, task=0.9 (repeatable)")
         p.add_argument("--strict", action="store_true", help="exit 3 when a log line was corrupt")
         p.add_argument("--no-progress", action="store_true")
@@ -677,6 +701,10 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--json", help="write the report as JSON here")
             p.add_argument("--html", help="write one self-contained HTML page here")
         p.set_defaults(func=func)
+    p = sub.add_parser("verdicts", help="store clients' verdicts {request_id, acceptable, note?} from a JSONL")
+    p.add_argument("--file", required=True, help="JSONL, one {request_id, acceptable: bool, note?} per line")
+    p.add_argument("--config", default="proxy_config.yaml", help="proxy config: decision log and verdict log paths")
+    p.set_defaults(func=_cmd_verdicts)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -60,7 +60,7 @@ def test_every_metric_is_registered_with_litellm_style_names() -> None:
     assert pm.REQUESTS._labelnames == ("task", "tier")
     assert pm.ESCALATIONS._labelnames == ("task", "from_tier", "to_tier")
     assert pm.DEGRADED._labelnames == ("task", "wanted_tier", "served_tier")
-    assert pm.AUDIT_VERDICTS._labelnames == ("task", "verdict")
+    assert pm.AUDIT_VERDICTS._labelnames == ("task", "verdict", "source")
 
 
 def test_counters_after_a_plain_an_escalated_and_a_degraded_request_through_the_plugin(tmp_path, monkeypatch):
