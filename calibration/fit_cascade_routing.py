@@ -1,4 +1,8 @@
-"""Fit and certify the ``cascade_routing`` policy on calibration rows (issue 14 items 3-5).
+"""Fit and certify a certified policy family on calibration rows (issue 14 items 3-5).
+
+Two families share everything below (replay, cross-fitting, certificate); only the policy object and
+its knob differ (:data:`FAMILIES`): ``cascade_routing`` (lambda, rising from safe to cheap) and
+``posterior_threshold`` (threshold t, falling from 1 = the top tier for every query).
 
 Input: the calibration rows as arrays (tier k at column k - 1): the router's ex-ante acceptance
 estimates (the router never trained on these rows), quality, acceptability, uncertainty, answer

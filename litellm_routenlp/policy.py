@@ -35,6 +35,14 @@ Entries of :data:`POLICIES` (``register_policy("name")``):
     J must be non-empty.  The answer returned is the tried one with the highest estimate.  c is the
     task's mean cost per tier over the calibration rows divided by the top tier's, so lambda is
     scale-free.  A task whose lambda could not be certified (``lambda: null``) goes to the top tier.
+
+``posterior_threshold``
+    The same estimates, a simpler monotone rule with one knob per task (:class:`PosteriorThreshold`):
+    start at the cheapest tier below the top whose ex-ante estimate reaches the task's threshold t;
+    after its answer stop if its posterior estimate reaches t, else ask the top tier and keep its
+    answer.  t = 1 is the top tier for every query, so the certificate's fixed sequence starts at
+    a safe point and every step down the grid only trades quality for cost.  The benchmark's
+    default ``RouteNLP`` (README "Certified routing on the shared sets").
 """
 
 from __future__ import annotations
