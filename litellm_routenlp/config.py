@@ -62,6 +62,40 @@ class ShadowAuditSettings(BaseModel):
     max_per_hour: int = Field(default=60, ge=0, description="at most this many audits in any rolling hour")
 
 
+class AdaptationSettings(BaseModel):
+    """Online adaptation (online_adaptation.py): ACI moves each task's policy knob with the verdicts;
+    the state is shared by every proxy instance through Redis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: float = Field(default=0.05, gt=0.0, le=1.0, description="ACI step size gamma: the most one verdict moves "
+                                                                  "a task's scale")
+    max_scale: float = Field(default=1.0, gt=0.0, le=10.0,
+                             description="upper bound of the scale (1 = never cheaper than the calibrated policy); "
+                                         "the lower bound 0 is the top tier's quality end")
+    target_miscoverage: dict[str, float] = Field(
+        default_factory=dict, description="per-task alpha ACI aims at; default: 1 - the policy file's certified target "
+                                          "(else its alpha)")
+    redis_host: Optional[str] = Field(default=None, min_length=1,
+                                      description="default: router_settings.redis_host (LiteLLM's shared router state)")
+    redis_port: Optional[int] = Field(default=None, ge=1, le=65535, description="default: router_settings.redis_port")
+    redis_password: Optional[str] = Field(default=None, description="default: router_settings.redis_password")
+    key_prefix: str = Field(default="routenlp", min_length=1, description="Redis key prefix (one per deployment)")
+    refresh_s: float = Field(default=1.0, ge=0.0, description="re-read the shared state at most this often")
+    timeout_s: float = Field(default=0.05, gt=0.0, le=5.0,
+                             description="Redis socket timeout; past it the instance serves on its last state")
+    log_path: Path = Field(default=Path("logs/routenlp_adaptation.jsonl"),
+                           description="durable record of every change of a scale, with its cause")
+
+    @field_validator("target_miscoverage")
+    @classmethod
+    def _alphas(cls, value: dict[str, float]) -> dict[str, float]:
+        for task, alpha in value.items():
+            if not 0.0 < alpha < 1.0:
+                raise ValueError(f"target_miscoverage.{task} must be in (0, 1), got {alpha}")
+        return value
+
+
 class RouteNLPSettings(BaseModel):
     """Everything the plugin needs; defaults are what a first deployment should use."""
 
@@ -80,6 +114,8 @@ class RouteNLPSettings(BaseModel):
         default=Path("logs/routenlp_verdicts.jsonl"),
         description="durable verdict records (shadow audit, POST /routenlp/verdicts, `routenlp verdicts`)")
     shadow_audit: ShadowAuditSettings = Field(default_factory=ShadowAuditSettings)
+    adaptation: Optional[AdaptationSettings] = Field(
+        default=None, description="online adaptation shared through Redis (off when unset)")
     tasks: dict[str, TaskSettings] = Field(min_length=1)
     require_task: bool = Field(default=False, description="reject requests without metadata.task (HTTP 400)")
     unknown_task_policy: Literal["reject", "router", "top_tier"] = Field(
@@ -138,6 +174,8 @@ class RouteNLPSettings(BaseModel):
             "thresholds_path": fix(self.thresholds_path),
             "decision_log_path": fix(self.decision_log_path),
             "verdicts_path": fix(self.verdicts_path),
+            "adaptation": None if self.adaptation is None else
+            self.adaptation.model_copy(update={"log_path": fix(self.adaptation.log_path)}),
         })
 
 

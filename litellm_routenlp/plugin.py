@@ -44,6 +44,7 @@ from routenlp_core.decision_record import DecisionRecord, PolicyRecord, RouteRec
 from .cascade import Attempt, CascadeResult, TierAnswer, run_cascade
 from .config import RouteNLPSettings, SettingsError, load_settings
 from .decision_log import DecisionLog
+from . import online_adaptation
 from . import latency_budget
 from . import prometheus_metrics
 from .pricing import call_cost
@@ -139,6 +140,7 @@ class RouteNLPCallback(CustomLogger):
         self.verdicts = VerdictStore(settings.verdicts_path, settings.decision_log_path)
         self.audit = ShadowAudit(AuditBudget(settings.shadow_audit.fraction, settings.shadow_audit.max_per_hour),
                                  self._ask_top_for_audit, self._store_audit_verdict)
+        self.adaptation: Optional[online_adaptation.OnlineAdaptation] = None  # set by from_config
 
     # ------------------------------------------------------------------ seals
     def _seal(self, *parts: Any) -> str:
@@ -202,8 +204,13 @@ class RouteNLPCallback(CustomLogger):
                 logger.warning("RouteNLP: tasks %s are not known to the router; they use its task-agnostic "
                                "embedding", unknown)
         prometheus_metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
-        return cls(settings, tier_table, router, thresholds, DecisionLog(settings.decision_log_path),
-                   llm_router=llm_router, policy=policy)
+        callback = cls(settings, tier_table, router, thresholds, DecisionLog(settings.decision_log_path),
+                       llm_router=llm_router, policy=policy)
+        try:
+            callback.adaptation = online_adaptation.build(settings, document)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
+        return callback
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -336,7 +343,7 @@ class RouteNLPCallback(CustomLogger):
         if not by_tier:
             return healthy_deployments if decision.task is None else []
         configured = [t for t in range(1, self.tiers.count + 1) if self.tiers.eligible(t, decision.task)]
-        start = self.policy.start(StartState(
+        start = (await self._policy_for(decision)).start(StartState(
             task=decision.task if decision.task_status == "known" else None, available_tiers=tuple(configured),
             route_probabilities=tuple(decision.probabilities),
             acceptance=None if decision.acceptance is None else tuple(decision.acceptance)))
@@ -450,7 +457,7 @@ class RouteNLPCallback(CustomLogger):
     async def _cascade(self, data: dict, state: dict, first: TierAnswer) -> CascadeResult:
         decision = RoutingDecision.from_dict(state["decision"])
         remaining = state.get("budget_remaining_usd")
-        policy = self.policy
+        policy = await self._policy_for(decision)
         budget = self.sla.budget(decision.task if decision.task_status == "known" else None) if self.sla else None
         notes: list[latency_budget.SlaNote] = []
         if budget is not None:  # each escalation is checked against the time the request has taken
@@ -565,7 +572,16 @@ class RouteNLPCallback(CustomLogger):
 
     async def store_verdict(self, record: VerdictRecord) -> VerdictRecord:
         """Durably store one verdict (fsync'd) and count it."""
-        return await self.verdicts.store_async(record, self.settings.tasks)
+        stored = await self.verdicts.store_async(record, self.settings.tasks)
+        if self.adaptation is not None:  # ACI moves the task's knob (online_adaptation.py)
+            await self.adaptation.observe(stored)
+        return stored
+
+    async def _policy_for(self, decision: RoutingDecision) -> Any:
+        """The active policy, with the task's online-adapted knob when adaptation is on."""
+        if self.adaptation is None or decision.task_status != "known":
+            return self.policy
+        return await self.adaptation.policy_for(self.policy, decision.task)
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         state = self._state(data)

@@ -32,7 +32,7 @@ import os
 import threading
 from typing import Any, Iterable, Optional
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 logger = logging.getLogger("litellm_routenlp")
 
@@ -60,6 +60,16 @@ FALLBACKS = Counter("routenlp_fallback_total",
 AUDIT_VERDICTS = Counter("routenlp_audit_verdicts_total",
                          "Quality verdicts stored, by task, verdict (acceptable/unacceptable) and source (audit/client)",
                          ["task", "verdict", "source"])
+
+# online_adaptation.py.  Gauges, with the multiprocess mode that aggregates them sensibly: Redis is "up"
+# only when every live worker reaches it (livemin); the scale is the live workers' latest read (livemax:
+# they all read one Redis hash).
+ADAPTATION_REDIS_UP = Gauge("routenlp_adaptation_redis_up",
+                            "1 when this instance reaches the adaptation state in Redis, 0 when it serves on its "
+                            "last state", multiprocess_mode="livemin")
+ADAPTATION_SCALE = Gauge("routenlp_adaptation_scale",
+                         "Online adaptation: the task's knob scale (1 = calibrated policy, 0 = top-tier quality end)",
+                         ["task"], multiprocess_mode="livemax")
 
 _server_lock = threading.Lock()
 _servers: dict[tuple[str, int], Any] = {}
@@ -120,6 +130,17 @@ def observe_verdict(task: str, acceptable: bool, source: str) -> None:
         logger.exception("RouteNLP: updating Prometheus metrics failed")
 
 
+def observe_adaptation_redis(up: bool) -> None:
+    ADAPTATION_REDIS_UP.set(1.0 if up else 0.0)
+
+
+def observe_adaptation_scale(task: str, scale: float) -> None:
+    try:
+        ADAPTATION_SCALE.labels(task=task).set(scale)
+    except Exception:
+        logger.exception("RouteNLP: updating Prometheus metrics failed")
+
+
 def _scrape_registry() -> CollectorRegistry:
     """The default registry, or, in multiprocess mode, one that aggregates every worker's files."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -167,4 +188,5 @@ def sample(name: str, labels: dict[str, str], registry: Any = REGISTRY) -> float
 def metric_names() -> Iterable[str]:
     """Every metric family this module registers (for the README and a test)."""
     return [metric._name for metric in (REQUESTS, ESCALATIONS, CASCADE_HOPS, UNCERTAINTY, ROUTER_LATENCY,
-                                         DEGRADED, FALLBACKS, AUDIT_VERDICTS)]
+                                         DEGRADED, FALLBACKS, AUDIT_VERDICTS, ADAPTATION_REDIS_UP,
+                                         ADAPTATION_SCALE)]
