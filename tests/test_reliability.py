@@ -442,6 +442,7 @@ def _callback(tmp_path, mutate=None):
     settings["router_artifact"] = str(ROOT / "artifacts/router")
     settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
     settings["decision_log_path"] = str(tmp_path / "decisions.jsonl")
+    settings["shadow_audit"] = {"fraction": 0.0}  # no sampled extra call unless a test asks (test_shadow_audit.py)
     if mutate:
         mutate(document)
     path = tmp_path / "proxy_config.yaml"
