@@ -635,10 +635,14 @@ def _ops_report(args: argparse.Namespace) -> dict:
 def _cmd_verdicts(args: argparse.Namespace) -> int:
     """Clients' verdicts from a JSONL: every line checked and joined to its decision first (an unknown
     request id names its file:line and nothing is stored), then each one appended, fsync'd."""
+    import asyncio
+
+    from litellm_routenlp import online_adaptation
     from litellm_routenlp.config import load_settings
     from litellm_routenlp.verdicts import VerdictStore, read_client_file
 
-    settings, _ = load_settings(args.config)
+    settings, document = load_settings(args.config)
+    adaptation = online_adaptation.build(settings, document)  # None unless routenlp_settings.adaptation
     store = VerdictStore(settings.verdicts_path, settings.decision_log_path)
     try:
         items = read_client_file(args.file)
@@ -651,6 +655,16 @@ def _cmd_verdicts(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"stored {len(records)} verdicts in {settings.verdicts_path}")
+    if adaptation is not None:  # the same ACI step a proxy takes on a verdict, in the shared Redis state
+        async def adapt() -> int:
+            try:
+                return sum([await adaptation.observe(record) is not None for record in records])
+            finally:
+                await adaptation.close()
+
+        moved = asyncio.run(adapt())
+        print(f"online adaptation: {moved} of {len(records)} verdicts moved a task's scale"
+              + ("" if moved == len(records) else " (Redis unreachable or task without a target)"))
     return 0
 
 

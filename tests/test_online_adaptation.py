@@ -307,3 +307,25 @@ def test_litellms_cooldown_of_a_failing_tier_is_shared_through_redis(two_proxies
               f"({headers['x-routenlp-degraded']})")
     finally:
         upstream.fail.discard(tier)
+
+
+def test_the_verdicts_cli_takes_the_same_aci_step_in_redis(redis_server, tmp_path):
+    import redis
+    import yaml
+    from test_verdicts import _cli, _decisions
+
+    _decisions(tmp_path / "d.jsonl")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "router_settings": {"redis_host": "127.0.0.1", "redis_port": redis_server.port},
+        "routenlp_settings": {
+            "router_artifact": str(ROOT / "artifacts/router"), "decision_log_path": "d.jsonl",
+            "verdicts_path": "v.jsonl", "tasks": {"banking77": {"kind": "structured", "tau": 0.92}},
+            "adaptation": {"step": 0.1, "target_miscoverage": {"banking77": 0.05}, "log_path": "a.jsonl"}}}))
+    (tmp_path / "in.jsonl").write_text('{"request_id": "r-1", "acceptable": false}\n')
+    done = _cli("verdicts", "--file", str(tmp_path / "in.jsonl"), "--config", str(config), cwd=ROOT)
+    assert done.returncode == 0 and "1 of 1 verdicts moved" in done.stdout, (done.stdout, done.stderr)
+    scale = redis.Redis(host="127.0.0.1", port=redis_server.port).hget("routenlp:scale", "banking77")
+    assert float(scale) == pytest.approx(0.905)
+    change = json.loads((tmp_path / "a.jsonl").read_text())
+    assert change["cause"] == {"verdict_request_id": "r-1", "source": "client", "acceptable": False}
