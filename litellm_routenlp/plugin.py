@@ -558,7 +558,9 @@ class RouteNLPCallback(CustomLogger):
         return self._answer(response, (time.perf_counter() - started) * 1000.0, top)
 
     async def _store_audit_verdict(self, request_id: str, acceptable: bool, **audit: Any) -> VerdictRecord:
-        return await self.store_verdict(self.verdicts.prepare(request_id, acceptable, "audit", **audit))
+        # the join reads the decision log's new lines: off the event loop
+        record = await asyncio.to_thread(self.verdicts.prepare, request_id, acceptable, "audit", **audit)
+        return await self.store_verdict(record)
 
     def prepare_client_verdict(self, item: Any, where: str) -> VerdictRecord:
         """A client's ``{request_id, acceptable, note?}``, checked and joined (VerdictError otherwise)."""

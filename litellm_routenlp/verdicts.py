@@ -22,6 +22,7 @@ request and source: a second one is refused too (a retried upload must not doubl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -250,7 +251,9 @@ def mount_verdict_route(callback: Any) -> bool:
         if not isinstance(items, list) or not items:
             return _error(400, "`verdicts` must be a non-empty list")
         try:
-            records = [callback.prepare_client_verdict(item, f"verdicts[{index}]") for index, item in enumerate(items)]
+            # the join may read new decision-log lines: off the event loop
+            records = [await asyncio.to_thread(callback.prepare_client_verdict, item, f"verdicts[{index}]")
+                       for index, item in enumerate(items)]
             stored = [await callback.store_verdict(record) for record in records]
         except VerdictError as error:
             return _error(error.status, str(error))
