@@ -193,8 +193,9 @@ class RouteNLP(_RouterOwner):
 
     certified = True
     guarantee = DEFAULT_GUARANTEE
-    #: the certified policy family (calibration.fit_cascade_routing.FAMILIES)
-    family = DEFAULT_FAMILY
+    #: the certified policy family (calibration.fit_cascade_routing.FAMILIES); ``family`` is the
+    #: bench's system family ("routenlp"), a different thing
+    policy_family = DEFAULT_FAMILY
 
     def __init__(self, delta: float = 0.1, method: str = "wsr", folds: int = 3, **settings: Any) -> None:
         super().__init__(delta=delta, method=method, folds=folds, **settings)
@@ -219,7 +220,7 @@ class RouteNLP(_RouterOwner):
             ex_ante[held] = router.acceptance_rows(pool[held])
         rows = bench_rows(data, pool, ex_ante)
         oof = out_of_fold_quality(rows, self.lambdas, 0, ctx.seed, int(self.defaults["max_hops"]),
-                                  str(self.defaults["no_logprobs_policy"]), fold_of, self.family)
+                                  str(self.defaults["no_logprobs_policy"]), fold_of, self.policy_family)
         return {"pool": pool, "rows": rows, "oof": oof, "final": fit_parts(rows, ctx.seed),
                 "router": self._router(ctx, pool, name="router:pool")}
 
@@ -227,14 +228,14 @@ class RouteNLP(_RouterOwner):
     def lambdas(self) -> tuple[float, ...]:
         from calibration.fit_cascade_routing import FAMILIES
 
-        return FAMILIES[self.family]
+        return FAMILIES[self.policy_family]
 
     def fit(self, ctx: FitContext) -> None:
         from calibration.fit_cascade_routing import fit_cascade_routing
 
         RoutingSystem.fit(self, ctx)
         data = ctx.data
-        key = f"certified:{self.family}"
+        key = f"certified:{self.policy_family}"
         if key not in ctx.shared:
             ctx.shared[key] = self._cross_fit(ctx)
         shared = ctx.shared[key]
@@ -244,16 +245,16 @@ class RouteNLP(_RouterOwner):
                                      method=self.settings["method"], lambdas=self.lambdas, seed=ctx.seed,
                                      max_hops=int(self.defaults["max_hops"]),
                                      no_logprobs_policy=str(self.defaults["no_logprobs_policy"]),
-                                     oof=shared["oof"], final=shared["final"], family=self.family)
+                                     oof=shared["oof"], final=shared["final"], family=self.policy_family)
         self.policy, self.fitted = fitted.policy, fitted
         tasks = fitted.document["tasks"]
         self.certified_tasks = {task: bool(entry["certificate"]["certified"]) for task, entry in tasks.items()}
         quality, cost = shared["oof"]
         top = shared["rows"].quality[:, -1]
         self.operating_point = {
-            "policy": self.family, "guarantee": self.guarantee, "n_certification": int(len(shared["pool"])),
-            "lambda" if self.family == "cascade_routing" else "threshold":
-                {task: entry["lambda" if self.family == "cascade_routing" else "threshold"] for task, entry in tasks.items()},
+            "policy": self.policy_family, "guarantee": self.guarantee, "n_certification": int(len(shared["pool"])),
+            "lambda" if self.policy_family == "cascade_routing" else "threshold":
+                {task: entry["lambda" if self.policy_family == "cascade_routing" else "threshold"] for task, entry in tasks.items()},
             "certificates": {task: entry["certificate"] for task, entry in tasks.items()},
             "costs": {task: entry["costs"] for task, entry in tasks.items()},
             "sigmas": {task: entry["sigmas"] for task, entry in tasks.items()},
@@ -279,8 +280,8 @@ class RouteNLP(_RouterOwner):
         out = []
         cache, memo = RowCache(self.policy.estimator), {}
         for knob in self.lambdas:
-            specs = {task: task_policy(self.family, knob, spec.costs, spec.sigmas) for task, spec in self.policy.tasks.items()}
-            policy = family_policy(self.family, specs, cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo)
+            specs = {task: task_policy(self.policy_family, knob, spec.costs, spec.sigmas) for task, spec in self.policy.tasks.items()}
+            policy = family_policy(self.policy_family, specs, cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo)
             out.append(policy_routes(policy, self.ctx.data, rows, ex_ante))
         return out
 
@@ -296,7 +297,7 @@ class RouteNLPCRC(RouteNLP):
 class RouteNLPCascadeRouting(RouteNLP):
     """Cascade routing's lookahead (expected quality - lambda x cost), lambda certified by LTT."""
 
-    family = "cascade_routing"
+    policy_family = "cascade_routing"
 
 
 @register("RouteNLP (paper rule)")

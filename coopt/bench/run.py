@@ -254,7 +254,7 @@ def _run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: di
                 ctx.test_routes[name] = routes
                 figures = summarise(data, routes)
                 figures["queue"] = _queue_figures(routes, mean_service_s, config.queue, seed)
-                if name.startswith(REFERENCE):  # every RouteNLP system, with and without SLA-aware routing (issue 12)
+                if SYSTEMS[name].family == "routenlp":  # every RouteNLP system, with and without SLA-aware routing (issue 12)
                     figures["sla_routing"] = _sla_figures(data, routes, mean_service_s, config.queue, seed)
                 figures["operating_point"] = system.operating_point
                 figures["notes"] = list(system.notes)
