@@ -216,12 +216,16 @@ def redis_params(settings: Any, document: Mapping[str, Any]) -> dict[str, Any]:
     return {"host": host, "port": port, "password": password}
 
 
-def build(settings: Any, document: Mapping[str, Any]) -> Optional[OnlineAdaptation]:
+def build(settings: Any, document: Mapping[str, Any], serving: bool = True) -> Optional[OnlineAdaptation]:
     """The proxy's adaptation from ``routenlp_settings.adaptation`` (None when unset); ValueError naming
-    the setting when it cannot work (no Redis configured, no target for any task)."""
+    the setting when it cannot work (no Redis configured, no target for any task, and when ``serving``
+    no policy file: without one there is no knob to move)."""
     block = settings.adaptation
     if block is None:
         return None
+    if serving and settings.thresholds_path is None:
+        raise ValueError("routenlp_settings.adaptation needs routenlp_settings.thresholds_path: the policy file "
+                         "whose knob it moves")
     params = redis_params(block, document)
     if not params["host"]:
         raise ValueError("routenlp_settings.adaptation: no Redis: set adaptation.redis_host or "

@@ -642,7 +642,8 @@ def _cmd_verdicts(args: argparse.Namespace) -> int:
     from litellm_routenlp.verdicts import VerdictStore, read_client_file
 
     settings, document = load_settings(args.config)
-    adaptation = online_adaptation.build(settings, document)  # None unless routenlp_settings.adaptation
+    # None unless routenlp_settings.adaptation; the CLI moves the shared state only, it serves no policy
+    adaptation = online_adaptation.build(settings, document, serving=False)
     store = VerdictStore(settings.verdicts_path, settings.decision_log_path)
     try:
         items = read_client_file(args.file)

@@ -159,10 +159,15 @@ def test_adaptation_settings_are_checked_at_start(tmp_path):
         with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             settings_from_mapping({**raw, "adaptation": block}, "cfg.yaml", tmp_path)
     settings = settings_from_mapping({**raw, "adaptation": {}}, "cfg.yaml", tmp_path)
-    with pytest.raises(ValueError, match="no Redis"):
-        build(settings, {})
-    with pytest.raises(ValueError, match="no task has a target"):
+    with pytest.raises(ValueError, match="needs routenlp_settings.thresholds_path"):
         build(settings, {"router_settings": {"redis_host": "127.0.0.1"}})
+    with pytest.raises(ValueError, match="no Redis"):
+        build(settings, {}, serving=False)
+    with pytest.raises(ValueError, match="no task has a target"):
+        build(settings, {"router_settings": {"redis_host": "127.0.0.1"}}, serving=False)
+    with pytest.raises(ValueError, match=r"target_miscoverage: tasks \['nope'\] are not configured"):
+        build(settings_from_mapping({**raw, "adaptation": {"target_miscoverage": {"nope": 0.1}}}, "cfg.yaml",
+                                    tmp_path), {"router_settings": {"redis_host": "127.0.0.1"}}, serving=False)
 
 
 # ----------------------------------------------------------------------------------------- two proxies
