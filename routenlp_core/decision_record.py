@@ -95,7 +95,7 @@ class PolicyRecord:
 
     name: Optional[str] = None
     lam: Optional[float] = None
-    threshold: Optional[float] = None   # the start threshold the policy applied (SLA-aware routing)
+    threshold: Optional[float] = None   # posterior_threshold: the task's certified threshold
     start_estimates: Optional[tuple[float, ...]] = None
     stop_reason: Optional[str] = None
 
