@@ -1,37 +1,46 @@
 """What the RouteNLP plugin adds to the LiteLLM proxy: latency, throughput and memory.
 
-    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--concurrency 1 50 200] [--repeats 3]
-                                                  [--open-fraction 0.5]
+    .venv/bin/python benchmarks/proxy_overhead.py [--duration 8] [--concurrency 1 50 200] [--repeats 2]
+                                                  [--open-rates 0.25 0.5 0.75] [--open-duration 15]
+                                                  [--configs plain routenlp [callback]] [--profile SVG]
 
 Real ``litellm --config`` proxies on loopback with the SAME four deployments of the alias
 ``routenlp`` (one per tier), differing only in ``litellm_settings.callbacks``:
 
 * ``plain``: LiteLLM alone (its default ``simple-shuffle`` routing over the four deployments);
 * ``routenlp``: the same plus ``litellm_routenlp.proxy_hook.routenlp`` with the shipped router
-  (int8 ONNX), thresholds and a durable, fsync'd decision log;
-* ``callback`` (attribution only): the same plus a ``CustomLogger`` that overrides nothing, so
-  ``routenlp - callback`` is the plugin's own work and ``callback - plain`` what LiteLLM's callback
-  machinery costs any callback.
+  (int8 ONNX), thresholds and a durable, fsync'd decision log (shadow audit off: its sampled extra
+  top-tier call would be a second model call, not overhead);
+* ``callback`` (attribution only, ``--configs plain callback routenlp``): the same plus a
+  ``CustomLogger`` that overrides nothing, so ``routenlp - callback`` is the plugin's own work and
+  ``callback - plain`` what LiteLLM's callback machinery costs any callback.
 
 Every deployment answers with LiteLLM's own ``mock_response`` (a fixed chat completion with one
 confident logprob per token, no network, no model).  That isolates the proxy: a real tier's latency would
 only add the same constant to both sides.  Because the mock answers are confident, the plugin's
-cascade computes u and keeps the answer (no escalation: an escalation is a second model call, which is
-the feature, not overhead).  The per-request work measured is the plugin's: task resolution and
-validation, the router (tokenise + MiniLM + head), deployment filtering, u from the logprobs, the
-headers, and one fsync'd decision record.
+cascade computes u and keeps the answer.  An escalation would be a second model call (the feature,
+not overhead), so after the runs the decision log is read and the script exits non-zero if any
+request had more than one attempt: the comparison would not be like for like.
 
-Load: N closed-loop clients (aiohttp, keep-alive) each send requests back to back for ``--duration``
-seconds after a short warm-up; the queries are real banking77 test texts with ``metadata.task``.
-Then (``--open-fraction``, default 0.5) the 50- and 200-client runs are repeated with think time:
-each client waits an exponential pause between sends so that together they offer half of plain
-LiteLLM's best closed-loop rate.  Closed loop measures capacity (the throughput ratio); there, a
-request's latency is mostly the queue of the other clients ahead of it, so any lost capacity shows
-up as hundreds of added milliseconds.  The open-loop runs measure the latency the plugin adds when
-the proxy is not saturated.  Runs alternate between the configs (order rotated every repeat) so drifting load from other processes
-hits all alike; each figure is the median over the repeats.  Both proxies, the load generator and anything else running share this machine's CPUs: the
-load average is printed with the figures.  Memory: RSS of each proxy process (and its children) idle
-after start-up, and after the load.
+Two phases, queries are real banking77 test texts with ``metadata.task``:
+
+* closed loop: N clients (aiohttp, keep-alive) each send requests back to back for ``--duration``
+  seconds after a short warm-up.  This saturates the proxy and measures capacity (throughput
+  ratio; the 50- and 200-client latency goals) and, at one client, the per-request work.
+* open loop: Poisson arrivals at fixed rates, ``--open-rates`` times plain LiteLLM's capacity as
+  measured by the closed-loop phase of the same run.  Each arrival is its own asyncio task launched
+  at its scheduled time, so any number of requests may be in flight; each is timed from its
+  SCHEDULED arrival (queueing in the generator, the connection pool or the proxy all count), and
+  every request is waited for (a request that takes longer than ``--request-timeout`` counts as a
+  failure, none is dropped).  Throughput = completed / (first scheduled arrival to last
+  completion), relative to plain's at the same offered rate.  Latency percentiles pool the
+  repeats' requests.  The proxies were warmed by the closed-loop phase, so there is no warm-up.
+
+Runs alternate between the configs (order rotated every repeat) so drifting load from other
+processes hits all alike.  Both proxies, the load generator and anything else running share this
+machine's CPUs: the load average is printed with the figures.  Memory: RSS of each proxy process
+(and its children) idle after start-up, and after the load.  ``--profile SVG`` adds one unmeasured
+routenlp run at the 50% rate with ``py-spy record`` attached to the proxy.
 """
 
 from __future__ import annotations
@@ -101,6 +110,7 @@ def write_configs(work: Path) -> dict[str, Path]:
     settings["router_artifact"] = str((ROOT / settings["router_artifact"]).resolve())
     settings["thresholds_path"] = str((ROOT / settings["thresholds_path"]).resolve())
     settings["decision_log_path"] = str(work / "decisions.jsonl")
+    settings["shadow_audit"] = {"fraction": 0.0}  # an audit is a second model call, not the plugin's overhead
     plugin = {"model_list": model_list,
               "litellm_settings": {"callbacks": "litellm_routenlp.proxy_hook.routenlp"},
               "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
@@ -127,80 +137,129 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-async def load(base_url: str, key: str, bodies: list[bytes], clients: int, duration: float,
-               warmup: float, offered_rps: float | None = None, seed: int = 0) -> dict:
-    """Run ``clients`` concurrent clients for ``warmup + duration`` seconds.
-
-    ``offered_rps`` None: closed loop, each client sends its next request as soon as the last one is
-    answered (saturates the proxy: measures throughput).  Otherwise each client waits an exponential
-    think time between sends so that all of them together offer ``offered_rps`` requests/s (users
-    with think time: measures the latency a request sees when the proxy is not overloaded).
-    """
+def session_for(key: str, limit: int, timeout_s: float):
     import aiohttp
 
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    # limit 0: aiohttp's "no connection limit", so an open-loop arrival never waits for a free socket
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, force_close=False),
+                                 timeout=aiohttp.ClientTimeout(total=timeout_s), headers=headers)
+
+
+async def post(session, url: str, body: bytes) -> str | int:
+    """One request; its status, or the name of the error (counted, never hidden)."""
+    try:
+        async with session.post(url, data=body) as reply:
+            await reply.read()
+            return reply.status
+    except asyncio.TimeoutError:
+        return "timeout"
+    except Exception as error:
+        return type(error).__name__
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    array = np.array(latencies) if latencies else np.array([float("nan")])
+    return {"p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
+            "mean_ms": float(array.mean())}
+
+
+async def closed_loop(base_url: str, key: str, bodies: list[bytes], clients: int, duration: float,
+                      warmup: float, timeout_s: float) -> dict:
+    """``clients`` clients each send their next request as soon as the last one is answered, for
+    ``warmup + duration`` seconds; requests sent and answered inside the measured window count."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=120)
     started = time.perf_counter()
     measure_from = started + warmup
     stop_at = measure_from + duration
-    counted = 0
+    url = base_url + "/v1/chat/completions"
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+    async with session_for(key, clients, timeout_s) as session:
         async def client(index: int) -> None:
-            nonlocal counted
             i = index
-            rng = np.random.default_rng(seed * 100003 + index)
-            next_send = started + (rng.exponential(clients / offered_rps) if offered_rps else 0.0)
-            while True:
-                now = time.perf_counter()
-                if now >= stop_at:
-                    return
-                if offered_rps:
-                    if next_send > now:
-                        await asyncio.sleep(next_send - now)
-                    next_send = max(next_send, time.perf_counter()) + rng.exponential(clients / offered_rps)
-                    if time.perf_counter() >= stop_at:
-                        return
+            while time.perf_counter() < stop_at:
                 body = bodies[i % len(bodies)]
                 i += clients
                 t0 = time.perf_counter()
-                try:
-                    async with session.post(base_url + "/v1/chat/completions", data=body) as reply:
-                        await reply.read()
-                        status = reply.status
-                except Exception as error:  # counted, never hidden
-                    status = type(error).__name__
+                status = await post(session, url, body)
                 t1 = time.perf_counter()
                 if t0 >= measure_from and t1 <= stop_at:
                     if status == 200:
                         latencies.append((t1 - t0) * 1000.0)
-                        counted += 1
                     else:
                         errors[str(status)] = errors.get(str(status), 0) + 1
 
         await asyncio.gather(*(client(i) for i in range(clients)))
-    array = np.array(latencies) if latencies else np.array([float("nan")])
-    return {"ok": counted, "errors": errors, "rps": counted / duration,
-            "p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
-            "mean_ms": float(array.mean())}
+    return {"ok": len(latencies), "errors": errors, "rps": len(latencies) / duration, **percentiles(latencies)}
+
+
+async def open_loop(base_url: str, key: str, bodies: list[bytes], rate: float, duration: float,
+                    seed: int, timeout_s: float) -> dict:
+    """Poisson arrivals at ``rate`` req/s for ``duration`` seconds, each launched as its own task at
+    its scheduled time (unbounded in flight), timed from the schedule, every one waited for."""
+    rng = np.random.default_rng(seed)
+    offsets = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration * 2) + 50))
+    offsets = offsets[offsets < duration]
+    url = base_url + "/v1/chat/completions"
+    send_lag: list[float] = []
+
+    async with session_for(key, 0, timeout_s) as session:
+        async def one(index: int, scheduled: float) -> tuple[float, float, str | int]:
+            send_lag.append((time.perf_counter() - scheduled) * 1000.0)
+            status = await post(session, url, bodies[index % len(bodies)])
+            return scheduled, time.perf_counter(), status
+
+        t0 = time.perf_counter() + 0.05
+        tasks = []
+        for index, offset in enumerate(offsets):
+            delay = t0 + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(index, t0 + float(offset))))
+        outcomes = await asyncio.gather(*tasks)
+    latencies = [(done - scheduled) * 1000.0 for scheduled, done, status in outcomes if status == 200]
+    errors: dict[str, int] = {}
+    for _, _, status in outcomes:
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+    span = max(done for _, done, _ in outcomes) - (t0 + float(offsets[0]))
+    return {"ok": len(latencies), "errors": errors, "sent": len(outcomes), "span_s": span,
+            "rps": len(latencies) / span, "latencies": latencies,
+            "send_lag_p99_ms": float(np.percentile(send_lag, 99)), **percentiles(latencies)}
+
+
+def count_escalations(path: Path) -> tuple[int, int]:
+    """(records, records with more than one attempt) in the plugin proxy's decision log."""
+    from litellm_routenlp.decision_log import read_decisions
+
+    if not path.exists():
+        return 0, 0
+    records = list(read_decisions(path))
+    return len(records), sum(1 for record in records if len(record.get("attempts") or ()) > 1)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds at the start of each run")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per closed-loop run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds at the start of each "
+                                                                  "closed-loop run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50, 200])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per (config, concurrency), alternating")
-    parser.add_argument("--configs", nargs="+", default=["plain", "callback", "routenlp"],
+    parser.add_argument("--repeats", type=int, default=2, help="runs per (config, cell), alternating")
+    parser.add_argument("--configs", nargs="+", default=["plain", "routenlp"],
                         choices=["plain", "callback", "routenlp"])
-    parser.add_argument("--open-fraction", type=float, default=0.5,
-                        help="after the closed-loop runs, run the same clients with think time offering this "
-                             "share of plain LiteLLM's best closed-loop throughput (0: skip)")
+    parser.add_argument("--open-rates", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                        help="open-loop Poisson rates as shares of plain's closed-loop capacity (none: skip)")
+    parser.add_argument("--open-duration", type=float, default=15.0, help="seconds of arrivals per open-loop run")
+    parser.add_argument("--request-timeout", type=float, default=60.0,
+                        help="a request slower than this counts as a failure")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after the measured runs, record a py-spy flame graph (SVG) of the routenlp "
+                             "proxy during one extra, unmeasured open-loop run at 50%% of capacity")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if "plain" not in args.configs and args.open_rates:
+        parser.error("--open-rates needs the plain config: the rates are shares of plain's capacity")
     from routenlp_core.tasks import get_task
 
     texts = [e.text for e in get_task("banking77").load("test", limit=500, seed=9)]
@@ -214,12 +273,13 @@ def main() -> int:
                    for name in ("plain", "callback", "routenlp") if name in args.configs}
         memory: dict[str, dict[str, float]] = {}
         runs: list[dict] = []
+        profile_note = None
         try:
             for name, proxy in proxies.items():
                 proxy.start(timeout=300)
                 time.sleep(3.0)  # let start-up work settle before measuring idle memory
                 memory[name] = {"idle_rss_mb": rss_mb(proxy.process.pid), "start_seconds": proxy.start_seconds}
-            # sanity: both answer, and the plugin proxy routes (its headers are present)
+            # sanity: each answers, and only the plugin proxy routes (its headers are present)
             import urllib.request
 
             for name, proxy in proxies.items():
@@ -230,7 +290,8 @@ def main() -> int:
                     routed = reply.headers.get("x-routenlp-tier")
                     if (name == "routenlp") != (routed is not None):
                         raise SystemExit(f"{name} proxy: unexpected x-routenlp-tier header {routed!r}")
-            def run_cell(phase: str, concurrency: int, offered: float | None) -> None:
+
+            def run_cell(phase: str, concurrency: int | None, rate: float | None, share: float | None) -> None:
                 for repeat in range(args.repeats):
                     names = list(proxies)
                     shift = repeat % len(names)
@@ -240,116 +301,201 @@ def main() -> int:
                     for name in order:
                         proxy = proxies[name]
                         before = os.getloadavg()[0]
-                        result = asyncio.run(load(proxy.base_url, proxy.master_key, bodies, concurrency,
-                                                  args.duration, args.warmup, offered_rps=offered, seed=repeat))
+                        if phase == "closed":
+                            result = asyncio.run(closed_loop(proxy.base_url, proxy.master_key, bodies, concurrency,
+                                                             args.duration, args.warmup, args.request_timeout))
+                        else:  # the same arrival times for every config within a repeat
+                            result = asyncio.run(open_loop(proxy.base_url, proxy.master_key, bodies, rate,
+                                                           args.open_duration, 1000 + repeat, args.request_timeout))
                         result.update(config=name, concurrency=concurrency, repeat=repeat, load1_before=before,
-                                      load1_after=os.getloadavg()[0], phase=phase, offered_rps=offered)
+                                      load1_after=os.getloadavg()[0], phase=phase, offered_rps=rate, share=share)
                         runs.append(result)
-                        print(f"  {phase:<6} {name:<9} c={concurrency:<4} rep={repeat} ok={result['ok']:<6} "
+                        cell = f"c={concurrency}" if phase == "closed" else f"{rate:.1f}/s"
+                        print(f"  {phase:<6} {name:<9} {cell:<8} rep={repeat} ok={result['ok']:<6} "
                               f"rps={result['rps']:7.1f} p50={result['p50_ms']:8.1f} p99={result['p99_ms']:8.1f} "
                               f"errors={result['errors']} load1={before:.2f}", flush=True)
                         time.sleep(1.0)
 
             for concurrency in args.concurrency:
-                run_cell("closed", concurrency, None)
-            if args.open_fraction > 0:
-                # the same clients with think time, offering a fixed share of what plain LiteLLM sustained
-                plain_capacity = max(float(np.median([r["rps"] for r in runs if r["config"] == "plain"
-                                                      and r["concurrency"] == c])) for c in args.concurrency)
-                for concurrency in args.concurrency:
-                    if concurrency > 1:
-                        run_cell("open", concurrency, args.open_fraction * plain_capacity)
+                run_cell("closed", concurrency, None, None)
+            capacity = None
+            if args.open_rates:
+                capacity = max(float(np.median([r["rps"] for r in runs if r["config"] == "plain"
+                                                and r["concurrency"] == c])) for c in args.concurrency)
+                for share in args.open_rates:
+                    run_cell("open", None, share * capacity, share)
             for name, proxy in proxies.items():
                 memory[name]["after_load_rss_mb"] = rss_mb(proxy.process.pid)
+            if args.profile and "routenlp" in proxies and capacity:
+                profile_note = record_profile(proxies["routenlp"], bodies, 0.5 * capacity, args)
         finally:
             for proxy in proxies.values():
                 proxy.stop()
-        decision_records = sum(1 for _ in open(work / "decisions.jsonl")) if (work / "decisions.jsonl").exists() else 0
+        decision_records, escalated = count_escalations(work / "decisions.jsonl")
     load_at_end = os.getloadavg()
 
     names = list(memory)
-    summary = []
-    cells = [("closed", c) for c in args.concurrency] + \
-        sorted({("open", r["concurrency"]) for r in runs if r["phase"] == "open"}, key=lambda cell: cell[1])
-    for phase, concurrency in cells:
-        row = {"phase": phase, "concurrency": concurrency}
-        for name in names:
-            mine = [r for r in runs if r["config"] == name and r["concurrency"] == concurrency
-                    and r["phase"] == phase]
-            row["offered_rps"] = mine[0]["offered_rps"] if mine else None
-            # medians of the per-run figures over the repeats; total counts
-            row[name] = {"rps": float(np.median([r["rps"] for r in mine])),
-                         "p50_ms": float(np.median([r["p50_ms"] for r in mine])),
-                         "p99_ms": float(np.median([r["p99_ms"] for r in mine])),
-                         "ok": sum(r["ok"] for r in mine),
-                         "errors": sum(sum(r["errors"].values()) for r in mine)}
-        if "plain" in row and "routenlp" in row:
-            row["added_p50_ms"] = row["routenlp"]["p50_ms"] - row["plain"]["p50_ms"]
-            row["added_p99_ms"] = row["routenlp"]["p99_ms"] - row["plain"]["p99_ms"]
-            row["throughput_ratio"] = row["routenlp"]["rps"] / row["plain"]["rps"]
-            row["goals_met"] = {"added_p50": row["added_p50_ms"] <= GOALS["added_p50_ms"],
-                                "added_p99": row["added_p99_ms"] <= GOALS["added_p99_ms"]}
-            if phase == "closed":  # an open-loop run serves what is offered: its rps says nothing of capacity
-                row["goals_met"]["throughput"] = row["throughput_ratio"] >= GOALS["throughput_ratio"]
-        if "callback" in row:
-            for other in ("plain", "routenlp"):
-                if other in row:
-                    row[f"callback_vs_{other}"] = {
-                        "p50_ms": row["callback"]["p50_ms"] - row[other]["p50_ms"],
-                        "p99_ms": row["callback"]["p99_ms"] - row[other]["p99_ms"],
-                        "rps_ratio": row["callback"]["rps"] / row[other]["rps"]}
-        summary.append(row)
-
+    closed = summarise_closed(runs, names, args.concurrency)
+    opened = summarise_open(runs, names, args.open_rates or [])
     print()
-    print(f"LiteLLM proxy with and without the RouteNLP plugin (same 4 mock_response deployments), "
-          f"{args.duration:.0f} s x {args.repeats} alternating runs per cell, median of runs")
+    print(f"LiteLLM proxy with and without the RouteNLP plugin (same 4 mock_response deployments); "
+          f"closed loop {args.duration:.0f} s, open loop {args.open_duration:.0f} s of Poisson arrivals; "
+          f"{args.repeats} alternating runs per cell")
     print(f"load average at start {load_at_start[0]:.2f} {load_at_start[1]:.2f} {load_at_start[2]:.2f}, "
           f"at end {load_at_end[0]:.2f} {load_at_end[1]:.2f} {load_at_end[2]:.2f}; cpus {os.cpu_count()}")
-    if any(row["phase"] == "open" for row in summary):
-        print(f"closed = clients send back to back (saturation); open = clients with think time offering "
-              f"{args.open_fraction:.0%} of plain's best closed-loop rate")
-    header = f"{'phase':<6} {'clients':>7} | " + " | ".join(f"{name + ' rps':>13} {'p50':>7} {'p99':>7}"
-                                                            for name in names)
-    print(header)
-    print("-" * len(header))
-    for row in summary:
-        print(f"{row['phase']:<6} {row['concurrency']:>7} | " + " | ".join(
-            f"{row[n]['rps']:>13.1f} {row[n]['p50_ms']:>7.1f} {row[n]['p99_ms']:>7.1f}" for n in names)
-            + f"   errors {sum(row[n]['errors'] for n in names)}")
-    if "plain" in names and "routenlp" in names:
-        print()
-        print(f"{'phase':<6} {'clients':>7} | {'+p50 ms':>8} {'+p99 ms':>8} {'rps ratio':>9} | plugin vs plain "
-              f"(goal: +<= {GOALS['added_p50_ms']:.0f} / +<= {GOALS['added_p99_ms']:.0f} ms, "
-              f">= {GOALS['throughput_ratio']:.0%})")
-        for row in summary:
-            verdict = ", ".join(f"{k} {'MET' if v else 'MISSED'}" for k, v in row["goals_met"].items())
-            print(f"{row['phase']:<6} {row['concurrency']:>7} | {row['added_p50_ms']:>+8.1f} "
-                  f"{row['added_p99_ms']:>+8.1f} {row['throughput_ratio']:>9.3f} | {verdict}")
-    if "callback" in names:
-        print()
-        print("attribution: an empty CustomLogger vs plain (LiteLLM's callback machinery), and the plugin vs that")
-        for row in summary:
-            parts = []
-            if "callback_vs_plain" in row:
-                c = row["callback_vs_plain"]
-                parts.append(f"empty callback vs plain: {c['p50_ms']:+.1f} ms p50, rps x{c['rps_ratio']:.3f}")
-            if "callback_vs_routenlp" in row:
-                c = row["callback_vs_routenlp"]
-                parts.append(f"plugin vs empty callback: {-c['p50_ms']:+.1f} ms p50, rps x{1 / c['rps_ratio']:.3f}")
-            print(f"{row['phase']:<6} {row['concurrency']:>7} | " + "; ".join(parts))
+    print_closed(closed, names)
+    if opened and "plain" in names and "routenlp" in names:
+        print_open(opened, capacity)
+    if "routenlp" in names:
+        print(f"\ndecision records {decision_records}; requests with more than one attempt (escalated): {escalated}")
     print()
     for name, mem in memory.items():
         print(f"{name:<9} proxy RSS: idle {mem['idle_rss_mb']:.0f} MB, after load {mem['after_load_rss_mb']:.0f} MB "
               f"(started in {mem['start_seconds']:.1f} s)")
-    if "plain" in memory and "routenlp" in memory:
-        added_idle = memory["routenlp"]["idle_rss_mb"] - memory["plain"]["idle_rss_mb"]
-        added_after = memory["routenlp"]["after_load_rss_mb"] - memory["plain"]["after_load_rss_mb"]
-        print(f"plugin adds {added_idle:+.0f} MB idle, {added_after:+.0f} MB after load; "
-              f"decision records written: {decision_records}")
+    if profile_note:
+        print(profile_note)
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "summary": summary, "memory": memory,
+        slim = [{k: v for k, v in r.items() if k != "latencies"} for r in runs]
+        args.json.write_text(json.dumps({"runs": slim, "closed": closed, "open": opened, "memory": memory,
+                                         "capacity_rps": capacity, "escalated": escalated,
+                                         "decision_records": decision_records,
                                          "load_at_start": load_at_start, "load_at_end": load_at_end}, indent=2))
+    if "routenlp" in names and escalated:
+        print(f"FAIL: {escalated} routenlp request(s) escalated (a second model call): the comparison with "
+              f"plain LiteLLM is not like for like", file=sys.stderr)
+        return 1
+    if "routenlp" in names and decision_records == 0:
+        print("FAIL: the routenlp proxy wrote no decision record", file=sys.stderr)
+        return 1
     return 0
+
+
+def record_profile(proxy: ProxyProcess, bodies: list[bytes], rate: float, args: argparse.Namespace) -> str:
+    """py-spy (sampling from outside the process, --nonblocking: the proxy is never paused) on the
+    routenlp proxy during one extra open-loop run; not part of the figures."""
+    import shutil
+    import subprocess
+
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        return "profile: py-spy not installed (.venv/bin/pip install py-spy)"
+    seconds = max(5, int(args.open_duration) - 2)
+    command = [py_spy, "record", "--pid", str(proxy.process.pid), "--duration", str(seconds), "--nonblocking",
+               "--rate", "200", "--format", "flamegraph", "-o", str(args.profile)]
+    spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(1.0)
+    result = asyncio.run(open_loop(proxy.base_url, proxy.master_key, bodies, rate, args.open_duration, 4242,
+                                   args.request_timeout))
+    output = spy.communicate(timeout=120)[0].decode(errors="replace")
+    if spy.returncode != 0:
+        return f"profile: py-spy failed ({spy.returncode}): {output.strip()[-400:]}"
+    return (f"profile: {args.profile} ({seconds} s of py-spy at {rate:.1f} req/s offered; that run: "
+            f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, ok {result['ok']}/{result['sent']})")
+
+
+def summarise_closed(runs: list[dict], names: list[str], concurrencies: list[int]) -> list[dict]:
+    """Per client count: medians of the per-run figures over the repeats."""
+    rows = []
+    for concurrency in concurrencies:
+        row: dict = {"concurrency": concurrency}
+        loads = []
+        for name in names:
+            mine = [r for r in runs if r["phase"] == "closed" and r["config"] == name and r["concurrency"] == concurrency]
+            loads += [r["load1_before"] for r in mine]
+            row[name] = {"rps": float(np.median([r["rps"] for r in mine])),
+                         "p50_ms": float(np.median([r["p50_ms"] for r in mine])),
+                         "p99_ms": float(np.median([r["p99_ms"] for r in mine])),
+                         "errors": sum(sum(r["errors"].values()) for r in mine)}
+        row["load1"] = float(np.mean(loads))
+        add_comparison(row, names)
+        rows.append(row)
+    return rows
+
+
+def summarise_open(runs: list[dict], names: list[str], shares: list[float]) -> list[dict]:
+    """Per offered rate: percentiles over all the repeats' requests; throughput = all completed /
+    all spans (first scheduled arrival to last completion)."""
+    rows = []
+    for share in shares:
+        row: dict = {"share": share}
+        loads = []
+        for name in names:
+            mine = [r for r in runs if r["phase"] == "open" and r["config"] == name and r["share"] == share]
+            loads += [r["load1_before"] for r in mine]
+            row["offered_rps"] = mine[0]["offered_rps"]
+            pooled = [x for r in mine for x in r["latencies"]]
+            row[name] = {"rps": sum(r["ok"] for r in mine) / sum(r["span_s"] for r in mine),
+                         "ok": sum(r["ok"] for r in mine), "sent": sum(r["sent"] for r in mine),
+                         "errors": sum(sum(r["errors"].values()) for r in mine),
+                         "send_lag_p99_ms": max(r["send_lag_p99_ms"] for r in mine), **percentiles(pooled)}
+        row["load1"] = float(np.mean(loads))
+        add_comparison(row, names)
+        rows.append(row)
+    return rows
+
+
+def add_comparison(row: dict, names: list[str]) -> None:
+    if "plain" in names and "routenlp" in names:
+        row["added_p50_ms"] = row["routenlp"]["p50_ms"] - row["plain"]["p50_ms"]
+        row["added_p99_ms"] = row["routenlp"]["p99_ms"] - row["plain"]["p99_ms"]
+        row["throughput_ratio"] = row["routenlp"]["rps"] / row["plain"]["rps"]
+        row["goals_met"] = {"p50": row["added_p50_ms"] <= GOALS["added_p50_ms"],
+                            "p99": row["added_p99_ms"] <= GOALS["added_p99_ms"],
+                            "throughput": row["throughput_ratio"] >= GOALS["throughput_ratio"]}
+    if "callback" in names:
+        for other in ("plain", "routenlp"):
+            if other in names:
+                row[f"callback_vs_{other}"] = {"p50_ms": row["callback"]["p50_ms"] - row[other]["p50_ms"],
+                                               "rps_ratio": row["callback"]["rps"] / row[other]["rps"]}
+
+
+def verdict(row: dict) -> str:
+    return " ".join(f"{k} {'MET' if v else 'MISSED'}" for k, v in row.get("goals_met", {}).items())
+
+
+GOAL_TEXT = (f"goals: +<= {GOALS['added_p50_ms']:.0f} ms p50, +<= {GOALS['added_p99_ms']:.0f} ms p99, "
+             f"throughput >= {GOALS['throughput_ratio']:.2f} of plain")
+
+
+def print_closed(rows: list[dict], names: list[str]) -> None:
+    print("\nclosed loop (clients send back to back: capacity; medians over the runs)")
+    print(f"{'clients':>7} | " + " | ".join(f"{n + ' rps':>13} {'p50':>7} {'p99':>7}" for n in names)
+          + f" | {'+p50':>7} {'+p99':>7} {'ratio':>6} | load1 | {GOAL_TEXT}")
+    for row in rows:
+        line = f"{row['concurrency']:>7} | " + " | ".join(
+            f"{row[n]['rps']:>13.1f} {row[n]['p50_ms']:>7.1f} {row[n]['p99_ms']:>7.1f}" for n in names)
+        if "added_p50_ms" in row:
+            line += (f" | {row['added_p50_ms']:>+7.1f} {row['added_p99_ms']:>+7.1f} {row['throughput_ratio']:>6.3f}")
+        line += f" | {row['load1']:5.2f} | {verdict(row)}"
+        errors = sum(row[n]["errors"] for n in names)
+        print(line + (f" | errors {errors}" if errors else ""))
+        if row["concurrency"] == 1 and "added_p50_ms" in row:
+            print(f"{'':>7}   per-request work at one client: {row['added_p50_ms']:+.1f} ms p50 (goal +<= 2 ms)")
+    for row in rows:
+        parts = []
+        if "callback_vs_plain" in row:
+            c = row["callback_vs_plain"]
+            parts.append(f"empty callback vs plain {c['p50_ms']:+.1f} ms p50, rps x{c['rps_ratio']:.3f}")
+        if "callback_vs_routenlp" in row:
+            c = row["callback_vs_routenlp"]
+            parts.append(f"plugin vs empty callback {-c['p50_ms']:+.1f} ms p50, rps x{1 / c['rps_ratio']:.3f}")
+        if parts:
+            print(f"{row['concurrency']:>7} | attribution: " + "; ".join(parts))
+
+
+def print_open(rows: list[dict], capacity: float) -> None:
+    print(f"\nopen loop (Poisson arrivals, unbounded in flight, timed from the scheduled arrival; plain's capacity "
+          f"{capacity:.1f} req/s; percentiles over all runs' requests)")
+    print(f"{'rate':>12} | {'plain p50':>9} {'p99':>7} | {'routenlp p50':>12} {'p99':>7} | {'+p50':>7} {'+p99':>7} | "
+          f"{'tput ratio':>10} | load1 | {GOAL_TEXT}")
+    for row in rows:
+        p, r = row["plain"], row["routenlp"]
+        rate = f"{row['offered_rps']:.1f}/s {row['share']:.0%}"
+        failed = p["errors"] + r["errors"]
+        print(f"{rate:>12} | {p['p50_ms']:>9.1f} {p['p99_ms']:>7.1f} | {r['p50_ms']:>12.1f} {r['p99_ms']:>7.1f} | "
+              f"{row['added_p50_ms']:>+7.1f} {row['added_p99_ms']:>+7.1f} | {row['throughput_ratio']:>10.3f} | "
+              f"{row['load1']:5.2f} | {verdict(row)} | requests {p['ok']}+{r['ok']}, failed {failed}, "
+              f"generator send lag p99 {max(p['send_lag_p99_ms'], r['send_lag_p99_ms']):.1f} ms")
 
 
 if __name__ == "__main__":
