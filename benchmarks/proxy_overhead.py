@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 8] [--concurrency 1 50 200] [--repeats 2]
                                                   [--open-rates 0.25 0.5 0.75] [--open-duration 15]
-                                                  [--configs plain routenlp [callback]] [--profile SVG]
+                                                  [--configs plain routenlp [callback]] [--profile SVG [--profile-config plain]]
 
 Real ``litellm --config`` proxies on loopback with the SAME four deployments of the alias
 ``routenlp`` (one per tier), differing only in ``litellm_settings.callbacks``:
@@ -40,7 +40,8 @@ Runs alternate between the configs (order rotated every repeat) so drifting load
 processes hits all alike.  Both proxies, the load generator and anything else running share this
 machine's CPUs: the load average is printed with the figures.  Memory: RSS of each proxy process
 (and its children) idle after start-up, and after the load.  ``--profile SVG`` adds one unmeasured
-routenlp run at the 50% rate with ``py-spy record`` attached to the proxy.
+open-loop run (``--profile-rps``, default 50% of capacity) with ``py-spy record`` attached to the
+``--profile-config`` proxy (default routenlp).
 """
 
 from __future__ import annotations
@@ -254,12 +255,17 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=60.0,
                         help="a request slower than this counts as a failure")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="after the measured runs, record a py-spy flame graph (SVG) of the routenlp "
-                             "proxy during one extra, unmeasured open-loop run at 50%% of capacity")
+                        help="after the measured runs, record a py-spy flame graph (SVG) of one proxy "
+                             "(--profile-config) during one extra, unmeasured open-loop run at --profile-rps")
+    parser.add_argument("--profile-config", default="routenlp", choices=["plain", "callback", "routenlp"])
+    parser.add_argument("--profile-rps", type=float, default=None,
+                        help="offered rate of the profiled run (default: 50%% of plain's capacity in this run)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if "plain" not in args.configs and args.open_rates:
-        parser.error("--open-rates needs the plain config: the rates are shares of plain's capacity")
+    if "plain" not in args.configs and (args.open_rates or (args.profile and not args.profile_rps)):
+        parser.error("--open-rates and --profile need the plain config: the rates are shares of plain's capacity")
+    if args.profile and args.profile_config not in args.configs:
+        parser.error(f"--profile-config {args.profile_config} is not among --configs")
     from routenlp_core.tasks import get_task
 
     texts = [e.text for e in get_task("banking77").load("test", limit=500, seed=9)]
@@ -326,8 +332,11 @@ def main() -> int:
                     run_cell("open", None, share * capacity, share)
             for name, proxy in proxies.items():
                 memory[name]["after_load_rss_mb"] = rss_mb(proxy.process.pid)
-            if args.profile and "routenlp" in proxies and capacity:
-                profile_note = record_profile(proxies["routenlp"], bodies, 0.5 * capacity, args)
+            if args.profile:
+                rate = args.profile_rps or 0.5 * max(float(np.median([r["rps"] for r in runs if r["config"] == "plain"
+                                                                       and r["concurrency"] == c]))
+                                                     for c in args.concurrency)
+                profile_note = record_profile(proxies[args.profile_config], bodies, rate, args)
         finally:
             for proxy in proxies.values():
                 proxy.stop()
@@ -371,8 +380,8 @@ def main() -> int:
 
 
 def record_profile(proxy: ProxyProcess, bodies: list[bytes], rate: float, args: argparse.Namespace) -> str:
-    """py-spy (sampling from outside the process, --nonblocking: the proxy is never paused) on the
-    routenlp proxy during one extra open-loop run; not part of the figures."""
+    """py-spy (sampling from outside the process, --nonblocking: the proxy is never paused) on one
+    proxy during one extra open-loop run; not part of the figures."""
     import shutil
     import subprocess
 
@@ -389,7 +398,7 @@ def record_profile(proxy: ProxyProcess, bodies: list[bytes], rate: float, args: 
     output = spy.communicate(timeout=120)[0].decode(errors="replace")
     if spy.returncode != 0:
         return f"profile: py-spy failed ({spy.returncode}): {output.strip()[-400:]}"
-    return (f"profile: {args.profile} ({seconds} s of py-spy at {rate:.1f} req/s offered; that run: "
+    return (f"profile: {args.profile_config} proxy, {args.profile} ({seconds} s of py-spy at {rate:.1f} req/s offered; that run: "
             f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, ok {result['ok']}/{result['sent']})")
 
 
@@ -460,7 +469,8 @@ GOAL_TEXT = (f"goals: +<= {GOALS['added_p50_ms']:.0f} ms p50, +<= {GOALS['added_
 def print_closed(rows: list[dict], names: list[str]) -> None:
     print("\nclosed loop (clients send back to back: capacity; medians over the runs)")
     print(f"{'clients':>7} | " + " | ".join(f"{n + ' rps':>13} {'p50':>7} {'p99':>7}" for n in names)
-          + f" | {'+p50':>7} {'+p99':>7} {'ratio':>6} | load1 | {GOAL_TEXT}")
+          + (f" | {'+p50':>7} {'+p99':>7} {'ratio':>6}" if "routenlp" in names and "plain" in names else "")
+          + f" | load1 | {GOAL_TEXT}")
     for row in rows:
         line = f"{row['concurrency']:>7} | " + " | ".join(
             f"{row[n]['rps']:>13.1f} {row[n]['p50_ms']:>7.1f} {row[n]['p99_ms']:>7.1f}" for n in names)
