@@ -52,6 +52,18 @@ class TaskSettings(BaseModel):
         return self
 
 
+class RouterSettings(BaseModel):
+    """Which :class:`~litellm_routenlp.routers.Router` the proxy serves (``routers.py`` registry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(default="encoder_head", min_length=1,
+                      description="a registered router kind; encoder_head: the trained router of router_artifact")
+    module: Optional[str] = Field(default=None, min_length=1,
+                                  description="module imported before `kind` is looked up (it registers the kind)")
+    options: dict[str, Any] = Field(default_factory=dict, description="passed to the kind's factory")
+
+
 class ShadowAuditSettings(BaseModel):
     """Shadow audit (shadow_audit.py): re-ask the top tier for a sample of cheaper answers."""
 
@@ -104,6 +116,8 @@ class RouteNLPSettings(BaseModel):
     model_alias: str = Field(default="routenlp", min_length=1,
                              description="the model group name clients call; its deployments are the tiers")
     router_artifact: Path = Field(description="directory written by `routenlp train`")
+    router: RouterSettings = Field(default_factory=RouterSettings,
+                                   description="the router served (kind encoder_head reads router_artifact)")
     encoder_dir: Optional[Path] = Field(
         default=None, description="encoder ONNX directory; default: the one router.json names")
     router_quantized: bool = Field(default=True, description="serve the int8 graphs (faster, >=98% agreement)")

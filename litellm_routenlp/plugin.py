@@ -50,7 +50,8 @@ from . import prometheus_metrics
 from .pricing import call_cost
 from .request_fields import (RequestError, forwarded_params, query_text, resolve_task, strip_client_plugin_fields,
                              validate_request, write_back_task)
-from .router_model import RouterArtifactError, RouterModel
+from .router_model import RouterArtifactError
+from .routers import Router, RouterSettingError, build_router
 from .policy import ConformalThresholds, PolicyError, StartState, check_fitted_under, policy_from_document, \
     read_policy_document, router_sha256
 from .routing import RoutingDecision, healthy_fallback
@@ -115,7 +116,7 @@ class TierTable:
 class RouteNLPCallback(CustomLogger):
     """LiteLLM callback that routes requests for ``settings.model_alias`` across cost tiers."""
 
-    def __init__(self, settings: RouteNLPSettings, tier_table: TierTable, router: Optional[RouterModel],
+    def __init__(self, settings: RouteNLPSettings, tier_table: TierTable, router: Optional[Router],
                  thresholds: Optional[Thresholds], decision_log: DecisionLog,
                  llm_router: Any = None, policy: Any = None) -> None:
         super().__init__()
@@ -130,8 +131,7 @@ class RouteNLPCallback(CustomLogger):
         self.policy = policy
         self.decision_log = decision_log
         self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
-        encoder = router.encoder if router is not None else None
-        self._router_offload = encoder is not None and encoder.meta.get("kind") != "static"
+        self._router_offload = router is not None and router.blocking
         self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
         self._secret = secrets.token_bytes(32)  # seals plugin state; never leaves the process
         # SLA-aware routing (latency_budget.py): None when no task declares latency_budget_ms
@@ -174,10 +174,11 @@ class RouteNLPCallback(CustomLogger):
         settings, document = load_settings(config_path)
         source = str(Path(config_path).resolve())
         tier_table = TierTable(document.get("model_list") or [], settings.model_alias, source)
-        router: Optional[RouterModel] = None
+        router: Optional[Router] = None
         try:
-            router = RouterModel.load(settings.router_artifact, encoder_dir=settings.encoder_dir,
-                                      quantized=settings.router_quantized)
+            router = build_router(settings)  # routenlp_settings.router.kind (routers.py registry)
+        except RouterSettingError as error:  # a configuration error, whatever fail_open says
+            raise SettingsError(str(error)) from None
         except RouterArtifactError as error:
             if not settings.fail_open:
                 raise SettingsError(f"routenlp_settings.router_artifact: {error}") from None
@@ -236,12 +237,12 @@ class RouteNLPCallback(CustomLogger):
             probabilities = [0.0] * (self.tiers.count - 1) + [1.0]
         else:
             text = query_text(messages)
-            encoder = self.router.encoder
-            if encoder is not None:  # the same cut the encoder makes; no 5 MB string goes further
-                text = text[:encoder.max_chars]
-            route, accept = self.router.predict_both([text], [task or ""])  # one head run, both outputs
-            probabilities = [float(p) for p in route[0]]
-            acceptance = [float(p) for p in accept[0]]
+            cut = self.router.max_chars
+            if cut is not None:  # the same cut the encoder makes; no 5 MB string goes further
+                text = text[:cut]
+            estimates = self.router.predict([text], [task or ""])  # one head run, both outputs
+            probabilities = [float(p) for p in estimates.route[0]]
+            acceptance = None if estimates.acceptance is None else [float(p) for p in estimates.acceptance[0]]
         return RoutingDecision(task=task, task_status=status, probabilities=probabilities, acceptance=acceptance,
                                router_ms=(time.perf_counter() - started) * 1000.0)
 
@@ -790,7 +791,7 @@ class RouteNLPCallback(CustomLogger):
         return None
 
 
-def load_serving_policy(settings: RouteNLPSettings, router: Optional[RouterModel]) -> tuple[Optional[Thresholds], Any]:
+def load_serving_policy(settings: RouteNLPSettings, router: Optional[Router]) -> tuple[Optional[Thresholds], Any]:
     """The policy file named by ``thresholds_path``: its thresholds (paper rule) and the policy object.
 
     The file records what it was fitted under (router sha256, quantisation, max_hops,

@@ -29,6 +29,7 @@ import numpy as np
 from routenlp_core.hashing import sha256_file
 
 from litellm_routenlp.encoder import PROBE_TOLERANCE, EncoderArtifactError, OnnxSentenceEncoder, probe_distance
+from litellm_routenlp.routers import RouterEstimates
 
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 1: no acceptance output (falls back to the cumulative route probabilities)
@@ -296,6 +297,21 @@ class RouterModel:
         if not texts:
             return np.zeros((0, len(self.tiers))), np.zeros((0, len(self.tiers)))
         return self.predict_both_from_embeddings(self.embed(texts), self._task_ids(tasks))
+
+    def predict(self, texts: Sequence[str], tasks: Sequence[Optional[str]]) -> RouterEstimates:
+        """The :class:`~litellm_routenlp.routers.Router` interface: both outputs of one head run."""
+        route, acceptance = self.predict_both(texts, tasks)
+        return RouterEstimates(route=route, acceptance=acceptance)
+
+    @property
+    def max_chars(self) -> Optional[int]:
+        """The encoder's character cut (``encoder.CHARS_PER_TOKEN`` x max tokens); None without an encoder."""
+        return self.encoder.max_chars if self.encoder is not None else None
+
+    @property
+    def blocking(self) -> bool:
+        """A transformer encoder takes milliseconds (worth a worker thread); a static lookup does not."""
+        return self.encoder is not None and self.encoder.meta.get("kind") != "static"
 
     def predict_acceptance(self, texts: Sequence[str], tasks: Sequence[Optional[str]]) -> np.ndarray:
         """(n, K) P(tier k's answer is acceptable | text, task), cheapest tier first."""
