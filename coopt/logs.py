@@ -47,7 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from routenlp_core.decision_record import DecisionRecord
+from routenlp_core.decision_record import DecisionRecord, number_or_none
 
 SPEND_LOGS_TABLE = "LiteLLM_SpendLogs"
 PARENT_KEY = "routenlp_parent_call_id"
@@ -328,7 +328,7 @@ def join_spend_logs(rows: Iterable[Mapping[str, Any]], tier_by_model_id: Optiona
             calls.append(TierCall(
                 tier=tier, cost_usd=row["spend"], escalated=following is not None, model_id=row["model_id"] or None,
                 call_id=row["call_id"], output=row["output"], error=row["error"],
-                uncertainty=_number(following["spend_logs_metadata"].get(PREVIOUS_U_KEY)) if following else None))
+                uncertainty=number_or_none(following["spend_logs_metadata"].get(PREVIOUS_U_KEY)) if following else None))
         anchor = parent or members[0]
         task = next((r["task"] for r in members if r["task"]), None)
         prompt = next((r["prompt"] for r in members if r["prompt"]), None)
@@ -408,15 +408,6 @@ def read_requests(path: str | os.PathLike[str]) -> list[RequestRecord]:
 # helpers
 
 
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _tier_number(name: Any) -> int:
     try:
         return int(str(name).lstrip("T"))
@@ -482,7 +473,7 @@ def _normalise_row(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "request_id": str(raw.get("request_id")), "call_id": str(call_id), "spend_logs_metadata": extra,
         "model_id": raw.get("model_id"), "model_group": raw.get("model_group"),
-        "spend": _number(raw.get("spend")) or 0.0, "start": start.isoformat() if hasattr(start, "isoformat") else start,
+        "spend": number_or_none(raw.get("spend")) or 0.0, "start": start.isoformat() if hasattr(start, "isoformat") else start,
         "output": _answer_text(raw.get("response")), "prompt": prompt or None, "task": task or None,
         "error": f"status {status}" if status not in (None, "", "success") else None,
     }

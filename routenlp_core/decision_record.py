@@ -56,9 +56,9 @@ class Attempt:
         tier = tier if isinstance(tier, int) and not isinstance(tier, bool) else None
         name = raw.get("tier_name") or (f"T{tier}" if tier else None)
         estimates = raw.get("estimates")
-        return cls(tier=tier, tier_name=name, model_id=raw.get("model_id"), uncertainty=_number(raw.get("uncertainty")),
-                   threshold=_number(raw.get("threshold")), cost_usd=_number(raw.get("cost_usd")) or 0.0,
-                   latency_ms=_number(raw.get("latency_ms")) or 0.0, escalated=bool(raw.get("escalated")),
+        return cls(tier=tier, tier_name=name, model_id=raw.get("model_id"), uncertainty=number_or_none(raw.get("uncertainty")),
+                   threshold=number_or_none(raw.get("threshold")), cost_usd=number_or_none(raw.get("cost_usd")) or 0.0,
+                   latency_ms=number_or_none(raw.get("latency_ms")) or 0.0, escalated=bool(raw.get("escalated")),
                    error=raw.get("error"), reason=raw.get("reason"), call_id=raw.get("call_id"),
                    estimates=tuple(float(v) for v in estimates) if isinstance(estimates, list) else None)
 
@@ -85,7 +85,7 @@ class RouteRecord:
     def from_dict(cls, raw: Mapping[str, Any]) -> "RouteRecord":
         return cls(probabilities=_by_tier(raw.get("probabilities")), routed_tier=raw.get("routed_tier"),
                    wanted_tier=raw.get("wanted_tier"), reason=raw.get("reason"),
-                   healthy_tiers=tuple(raw.get("healthy_tiers") or ()), router_ms=_number(raw.get("router_ms")),
+                   healthy_tiers=tuple(raw.get("healthy_tiers") or ()), router_ms=number_or_none(raw.get("router_ms")),
                    acceptance=_by_tier(raw.get("acceptance")))
 
 
@@ -107,7 +107,7 @@ class PolicyRecord:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "PolicyRecord":
         estimates = raw.get("start_estimates")
-        return cls(name=raw.get("name"), lam=_number(raw.get("lambda")), threshold=_number(raw.get("threshold")),
+        return cls(name=raw.get("name"), lam=number_or_none(raw.get("lambda")), threshold=number_or_none(raw.get("threshold")),
                    stop_reason=raw.get("stop_reason"),
                    start_estimates=tuple(float(v) for v in estimates) if isinstance(estimates, list) else None)
 
@@ -191,8 +191,8 @@ class DecisionRecord:
             task=raw.get("task"), task_status=raw.get("task_status"),
             router=RouteRecord.from_dict(router) if isinstance(router, Mapping) else None,
             policy=PolicyRecord.from_dict(policy) if isinstance(policy, Mapping) else None,
-            attempts=attempts, final_tier=raw.get("final_tier"), total_cost_usd=_number(raw.get("total_cost_usd")),
-            total_latency_ms=_number(raw.get("total_latency_ms")), escalation_error=raw.get("escalation_error"),
+            attempts=attempts, final_tier=raw.get("final_tier"), total_cost_usd=number_or_none(raw.get("total_cost_usd")),
+            total_latency_ms=number_or_none(raw.get("total_latency_ms")), escalation_error=raw.get("escalation_error"),
             escalation_skipped=raw.get("escalation_skipped"),
             stream=raw.get("stream") if isinstance(raw.get("stream"), bool) else None,
             key_alias=raw.get("key_alias"), prompt=raw.get("prompt"), error=raw.get("error"),
@@ -206,7 +206,8 @@ class DecisionRecord:
         return cls.from_dict(raw)
 
 
-def _number(value: Any) -> Optional[float]:
+def number_or_none(value: Any) -> Optional[float]:
+    """``value`` as a float; None for None, a bool or anything not numeric (logs are read leniently)."""
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -218,9 +219,9 @@ def _number(value: Any) -> Optional[float]:
 def _by_tier(value: Any) -> Optional[dict[str, float]]:
     """A per-tier mapping; version-1 failure records wrote a list (tier 1 first)."""
     if isinstance(value, Mapping):
-        return {str(k): float(v) for k, v in value.items() if _number(v) is not None}
+        return {str(k): float(v) for k, v in value.items() if number_or_none(v) is not None}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return {f"T{k}": float(v) for k, v in enumerate(value, start=1) if _number(v) is not None}
+        return {f"T{k}": float(v) for k, v in enumerate(value, start=1) if number_or_none(v) is not None}
     return None
 
 
@@ -229,4 +230,4 @@ def tier_map(tier_names: Mapping[int, str], values: Optional[Sequence[float]]) -
     return None if values is None else dict(zip(tier_names.values(), values))
 
 
-__all__ = ["Attempt", "DecisionRecord", "OUTCOMES", "PolicyRecord", "RECORD_VERSION", "RouteRecord", "tier_map"]
+__all__ = ["Attempt", "DecisionRecord", "OUTCOMES", "number_or_none", "PolicyRecord", "RECORD_VERSION", "RouteRecord", "tier_map"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import litellm
 import pytest
-import yaml
 
 from litellm_routenlp.cascade import Attempt, CascadeResult, TierAnswer
 from litellm_routenlp.config import SettingsError
@@ -17,20 +16,13 @@ from litellm_routenlp.decision_log import read_decisions
 from litellm_routenlp.plugin import RouteNLPCallback
 from litellm_routenlp.proxy_process import ProxyProcess
 
+from conftest import write_proxy_config
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp_path: Path, mutate=None) -> Path:
-    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
-    settings = document["routenlp_settings"]
-    settings["router_artifact"] = str(ROOT / "artifacts/router")
-    settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
-    settings["decision_log_path"] = str(tmp_path / "decisions.jsonl")
-    if mutate:
-        mutate(document)
-    path = tmp_path / "proxy_config.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+    return write_proxy_config(tmp_path, mutate)
 
 
 def test_valid_config_loads_router_thresholds_and_tiers(tmp_path):
@@ -54,6 +46,12 @@ def test_valid_config_loads_router_thresholds_and_tiers(tmp_path):
     (lambda d: d["routenlp_settings"].update(thresholds_path="/nonexistent/t.json"),
      "routenlp_settings.thresholds_path"),
     (lambda d: d["routenlp_settings"].update(model_alias="nobody"), "no deployment named `nobody`"),
+    (lambda d: d["routenlp_settings"].update(router={"kind": "telepathy"}),
+     "routenlp_settings.router.kind: unknown router kind 'telepathy' (registered: "),
+    (lambda d: d["routenlp_settings"].update(router={"options": {"k": 3}}), "routenlp_settings.router.options"),
+    (lambda d: d["routenlp_settings"].update(router={"module": "no_such_router_module"}),
+     "routenlp_settings.router.module: cannot import 'no_such_router_module'"),
+    (lambda d: d["routenlp_settings"].update(router={"knd": "encoder_head"}), "routenlp_settings.router.knd"),
 ])
 def test_bad_config_is_refused_with_the_setting_named(tmp_path, mutate, named):
     with pytest.raises(SettingsError) as info:
@@ -107,3 +105,51 @@ def test_real_proxy_refuses_to_start_on_a_bad_setting(tmp_path):
     log = (tmp_path / "proxy.log").read_text()
     assert "RouteNLP: refusing to start" in log
     assert "routenlp_settings.max_hops" in log
+
+
+def test_a_registered_router_kind_is_served_in_place_of_the_trained_router(tmp_path):
+    """``router: {kind: ...}`` picks any registered Router; the callback asks it, not RouterModel."""
+    import numpy as np
+
+    from litellm_routenlp.routers import ROUTERS, RouterEstimates, register_router
+
+    class FixedStart:
+        """Every query starts at one tier (a one-hot route), e.g. a bench baseline's decision served."""
+
+        tasks = ("banking77",)
+        artifact_dir = None
+        max_chars = 16
+        blocking = False
+
+        def __init__(self, tier: int) -> None:
+            self.tiers = ["T1", "T2", "T3", "T4"]
+            self.tier = tier
+            self.seen: list[str] = []
+
+        def predict(self, texts, tasks):
+            self.seen += list(texts)
+            route = np.zeros((len(texts), 4))
+            route[:, self.tier - 1] = 1.0
+            return RouterEstimates(route=route, acceptance=None)
+
+    @register_router("fixed_start_test")
+    def fixed(settings, options):
+        if set(options) != {"tier"}:
+            raise ValueError("needs exactly `tier`")
+        return FixedStart(int(options["tier"]))
+
+    def served(document):
+        document["routenlp_settings"].update(router={"kind": "fixed_start_test", "options": {"tier": 3}})
+        document["routenlp_settings"].pop("thresholds_path")  # that policy was fitted under the trained router
+
+    try:
+        callback = RouteNLPCallback.from_config(write_config(tmp_path, served))
+        assert isinstance(callback.router, FixedStart)
+        decision = callback.decide([{"role": "user", "content": "x" * 100}], {"task": "banking77"})
+        assert decision.probabilities == [0.0, 0.0, 1.0, 0.0] and decision.acceptance is None
+        assert callback.router.seen == ["x" * 16]  # the router's own character cut
+        with pytest.raises(SettingsError, match="routenlp_settings.router.options: needs exactly `tier`"):
+            RouteNLPCallback.from_config(write_config(tmp_path, lambda d: d["routenlp_settings"].update(
+                router={"kind": "fixed_start_test"})))
+    finally:
+        ROUTERS.pop("fixed_start_test", None)

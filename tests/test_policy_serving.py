@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from litellm_routenlp.config import SettingsError
 from litellm_routenlp.decision_log import read_decisions
@@ -24,22 +23,15 @@ from litellm_routenlp.plugin import RouteNLPCallback
 from litellm_routenlp.policy import STOP_REASONS
 from litellm_routenlp.proxy_process import ProxyProcess
 
+from conftest import write_proxy_config
+
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDA = 0.05
 THRESHOLD = 0.6
 
 
 def write_config(tmp_path: Path, mutate=None, thresholds_path: Path | None = None) -> Path:
-    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
-    settings = document["routenlp_settings"]
-    settings["router_artifact"] = str(ROOT / "artifacts/router")
-    settings["thresholds_path"] = str(thresholds_path or ROOT / "artifacts/thresholds.json")
-    settings["decision_log_path"] = str(tmp_path / "decisions.jsonl")
-    if mutate:
-        mutate(settings)
-    path = tmp_path / "proxy_config.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+    return write_proxy_config(tmp_path, thresholds_path=thresholds_path, mutate_settings=mutate)
 
 
 @pytest.mark.parametrize("mutate, field", [

@@ -437,17 +437,11 @@ def test_decision_log_survives_kill_9_under_load(proxy, queries):
 def _callback(tmp_path, mutate=None):
     from litellm_routenlp.plugin import RouteNLPCallback
 
-    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
-    settings = document["routenlp_settings"]
-    settings["router_artifact"] = str(ROOT / "artifacts/router")
-    settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
-    settings["decision_log_path"] = str(tmp_path / "decisions.jsonl")
-    settings["shadow_audit"] = {"fraction": 0.0}  # no sampled extra call unless a test asks (test_shadow_audit.py)
-    if mutate:
-        mutate(document)
-    path = tmp_path / "proxy_config.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return RouteNLPCallback.from_config(path), document
+    from conftest import write_proxy_config
+
+    # no sampled extra call unless a test asks (test_shadow_audit.py)
+    path = write_proxy_config(tmp_path, mutate, shadow_audit={"fraction": 0.0})
+    return RouteNLPCallback.from_config(path), yaml.safe_load(path.read_text())
 
 
 def _deployments(document, without=()):

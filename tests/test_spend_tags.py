@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from litellm_routenlp.decision_log import read_decisions
 from litellm_routenlp.spend_tags import routing_tags, task_label, with_routing_tags
@@ -49,15 +48,10 @@ def test_routing_tags_replace_any_plugin_tag_and_keep_the_clients_own() -> None:
 def _callback(tmp_path: Path):
     from litellm_routenlp.plugin import RouteNLPCallback
 
-    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
-    settings = document["routenlp_settings"]
-    settings["router_artifact"] = str(ROOT / "artifacts/router")
-    settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
-    settings["decision_log_path"] = str(tmp_path / "decisions.jsonl")
-    settings["shadow_audit"] = {"fraction": 0.0}  # no sampled extra call here (tests/test_shadow_audit.py)
-    path = tmp_path / "proxy_config.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return RouteNLPCallback.from_config(path)
+    from conftest import write_proxy_config
+
+    # no sampled extra call here (tests/test_shadow_audit.py)
+    return RouteNLPCallback.from_config(write_proxy_config(tmp_path, shadow_audit={"fraction": 0.0}))
 
 
 def mock_deployments(uncertain_tiers=(), without=()) -> list[dict]:
