@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from litellm_routenlp.decision_log import read_decisions
 from litellm_routenlp.proxy_process import ProxyProcess
@@ -49,22 +48,21 @@ probe = SpendProbe()
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
+    from conftest import write_proxy_config
+
     work = tmp_path_factory.mktemp("client_input")
-    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
     thresholds = json.loads((ROOT / "artifacts/thresholds.json").read_text())
     thresholds["thresholds"]["T1"]["clinc150"] = {"delta": 0.0, "n": 0, "note": "test: always escalate"}
     for tier in ("T2", "T3"):
         thresholds["thresholds"].setdefault(tier, {})["bitext"] = {"delta": 1.0, "n": 0, "note": "test: never"}
     (work / "thresholds.json").write_text(json.dumps(thresholds))
     (work / "spend_probe.py").write_text(SPEND_PROBE)
-    document["litellm_settings"]["callbacks"] = ["litellm_routenlp.proxy_hook.routenlp", "spend_probe.probe"]
-    settings = document["routenlp_settings"]
-    settings["router_artifact"] = str(ROOT / "artifacts/router")
-    settings["thresholds_path"] = str(work / "thresholds.json")
-    settings["decision_log_path"] = str(work / "decisions.jsonl")
-    settings["tasks"]["bitext"]["cascade_streaming"] = "off"
-    config = work / "proxy_config.yaml"
-    config.write_text(yaml.safe_dump(document, sort_keys=False))
+
+    def mutate(document):
+        document["litellm_settings"]["callbacks"] = ["litellm_routenlp.proxy_hook.routenlp", "spend_probe.probe"]
+        document["routenlp_settings"]["tasks"]["bitext"]["cascade_streaming"] = "off"
+
+    config = write_proxy_config(work, mutate, thresholds_path=work / "thresholds.json")
     process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
                            env={"SPEND_PROBE_PATH": str(work / "spend_rows.jsonl"),
                                 "ROUTENLP_ARTIFACTS_DIR": str(ROOT / "artifacts")})

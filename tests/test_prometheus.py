@@ -25,7 +25,6 @@ from collections import Counter as Tally
 from pathlib import Path
 
 import pytest
-import yaml
 
 from litellm_routenlp import prometheus_metrics as pm
 from litellm_routenlp.proxy_process import ProxyProcess, free_port
@@ -167,24 +166,23 @@ def test_several_workers_are_summed_in_multiprocess_mode(tmp_path) -> None:
 def metrics_proxy(tmp_path_factory):
     """A small real proxy: the plugin, mock tiers (T1 and T3 uncertain), LiteLLM's prometheus callback,
     and our metrics port."""
+    from conftest import write_proxy_config
+
     work = tmp_path_factory.mktemp("metrics_proxy")
-    document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
-    document["model_list"] = mock_deployments(uncertain_tiers=(1, 3))
     (work / "spend_probe.py").write_text(SPEND_PROBE)   # the rows LiteLLM's SpendLogs writer would store
-    document["litellm_settings"] = {"callbacks": ["litellm_routenlp.proxy_hook.routenlp", "prometheus",
-                                                  "spend_probe.probe"]}
-    settings = document["routenlp_settings"]
-    settings["router_artifact"] = str(ROOT / "artifacts/router")
-    settings["thresholds_path"] = str(ROOT / "artifacts/thresholds.json")
-    settings["decision_log_path"] = str(work / "decisions.jsonl")
-    settings["metrics_port"] = free_port()
-    config = work / "proxy_config.yaml"
-    config.write_text(yaml.safe_dump(document, sort_keys=False))
+
+    def mutate(document):
+        document["model_list"] = mock_deployments(uncertain_tiers=(1, 3))
+        document["litellm_settings"] = {"callbacks": ["litellm_routenlp.proxy_hook.routenlp", "prometheus",
+                                                      "spend_probe.probe"]}
+
+    port = free_port()
+    config = write_proxy_config(work, mutate, metrics_port=port)
     process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
                            env={"SPEND_PROBE_PATH": str(work / "spend_rows.jsonl")})
     process.start(timeout=240)
     process.spend_rows = work / "spend_rows.jsonl"
-    process.metrics_port = settings["metrics_port"]
+    process.metrics_port = port
     yield process
     process.stop()
 
