@@ -56,3 +56,34 @@ def write_proxy_config(directory: Path, mutate=None, thresholds_path: Path | Non
     path = Path(directory) / "proxy_config.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def mock_deployments(uncertain_tiers=(), without=(), fixed_ids: bool = False) -> list[dict]:
+    """One deployment per tier answering through LiteLLM's mock_response, with per-token logprobs
+    (p = 0.05 at ``uncertain_tiers``: their answers escalate), prices as in proxy_config.yaml; the answer
+    ids are LiteLLM's own unless ``fixed_ids`` (``mock-<tier>``)."""
+    prices = {1: 0.00001, 2: 0.0001, 3: 0.0008, 4: 0.008}
+    out = []
+    for tier, price in prices.items():
+        if tier in without:
+            continue
+        logprob = -3.0 if tier in uncertain_tiers else -0.001
+        out.append({"model_name": "routenlp",
+                    "litellm_params": {"model": f"openai/mock-t{tier}", "api_key": "not-used",
+                                       "input_cost_per_token": price, "output_cost_per_token": price,
+                                       "mock_response": {
+                                           **({"id": f"mock-{tier}"} if fixed_ids else {}),
+                                           "object": "chat.completion", "created": 1,
+                                           "model": f"mock-t{tier}",
+                                           "choices": [{"index": 0, "finish_reason": "stop",
+                                                        "message": {"role": "assistant", "content": "card_arrival"},
+                                                        "logprobs": {"content": [
+                                                            {"token": "card", "logprob": logprob, "top_logprobs": []},
+                                                            {"token": "_arrival", "logprob": logprob,
+                                                             "top_logprobs": []}]}}],
+                                           "usage": {"prompt_tokens": 12, "completion_tokens": 2,
+                                                     "total_tokens": 14}}},
+                    "model_info": {"id": f"mock-t{tier}", "routenlp_tier": tier,
+                                   **({"routenlp_tasks": ["banking77", "clinc150"]} if tier == 1 else {}),
+                                   **({"routenlp_tasks": ["bitext"]} if tier == 2 else {})}})
+    return out

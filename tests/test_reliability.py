@@ -479,30 +479,10 @@ def test_outage_direction_at_the_filter_hook(tmp_path, task, probabilities, down
 
 
 def _mock_deployments(uncertain_tiers=(1, 3)):
-    """Four deployments answering with LiteLLM's mock_response: uncertain (p=0.05 per token) at
-    ``uncertain_tiers``, confident elsewhere; prices as in proxy_config.yaml."""
-    prices = {1: 0.00001, 2: 0.0001, 3: 0.0008, 4: 0.008}
-    out = []
-    for tier, price in prices.items():
-        logprob = -3.0 if tier in uncertain_tiers else -0.001
-        out.append({"model_name": "routenlp",
-                    "litellm_params": {"model": f"openai/mock-t{tier}", "api_key": "not-used",
-                                       "input_cost_per_token": price, "output_cost_per_token": price,
-                                       "mock_response": {
-                                           "id": f"mock-{tier}", "object": "chat.completion", "created": 1,
-                                           "model": f"mock-t{tier}",
-                                           "choices": [{"index": 0, "finish_reason": "stop",
-                                                        "message": {"role": "assistant", "content": "card_arrival"},
-                                                        "logprobs": {"content": [
-                                                            {"token": "card", "logprob": logprob, "top_logprobs": []},
-                                                            {"token": "_arrival", "logprob": logprob,
-                                                             "top_logprobs": []}]}}],
-                                           "usage": {"prompt_tokens": 12, "completion_tokens": 2,
-                                                     "total_tokens": 14}}},
-                    "model_info": {"id": f"mock-t{tier}", "routenlp_tier": tier,
-                                   **({"routenlp_tasks": ["banking77", "clinc150"]} if tier == 1 else {}),
-                                   **({"routenlp_tasks": ["bitext"]} if tier == 2 else {})}})
-    return out
+    """Four mock deployments (conftest.mock_deployments), uncertain at ``uncertain_tiers``, ids ``mock-<tier>``."""
+    from conftest import mock_deployments
+
+    return mock_deployments(uncertain_tiers, fixed_ids=True)
 
 
 class _RecordingRouter:

@@ -22,6 +22,8 @@ import pytest
 from litellm_routenlp.decision_log import read_decisions
 from litellm_routenlp.spend_tags import routing_tags, task_label, with_routing_tags
 
+from conftest import mock_deployments
+
 # the PostgreSQL server and LiteLLM's schema, shared with the SpendLogs reader test
 from test_coopt_logs import _apply_litellm_migrations, _insert_rows, postgres_dsn  # noqa: F401
 
@@ -52,35 +54,6 @@ def _callback(tmp_path: Path):
 
     # no sampled extra call here (tests/test_shadow_audit.py)
     return RouteNLPCallback.from_config(write_proxy_config(tmp_path, shadow_audit={"fraction": 0.0}))
-
-
-def mock_deployments(uncertain_tiers=(), without=()) -> list[dict]:
-    """One deployment per tier answering through LiteLLM's mock_response, with per-token logprobs
-    (p = 0.05 at ``uncertain_tiers``: their answers escalate), prices as in proxy_config.yaml."""
-    prices = {1: 0.00001, 2: 0.0001, 3: 0.0008, 4: 0.008}
-    out = []
-    for tier, price in prices.items():
-        if tier in without:
-            continue
-        logprob = -3.0 if tier in uncertain_tiers else -0.001
-        out.append({"model_name": "routenlp",
-                    "litellm_params": {"model": f"openai/mock-t{tier}", "api_key": "not-used",
-                                       "input_cost_per_token": price, "output_cost_per_token": price,
-                                       "mock_response": {
-                                           "object": "chat.completion", "created": 1,  # id: LiteLLM's
-                                           "model": f"mock-t{tier}",
-                                           "choices": [{"index": 0, "finish_reason": "stop",
-                                                        "message": {"role": "assistant", "content": "card_arrival"},
-                                                        "logprobs": {"content": [
-                                                            {"token": "card", "logprob": logprob, "top_logprobs": []},
-                                                            {"token": "_arrival", "logprob": logprob,
-                                                             "top_logprobs": []}]}}],
-                                           "usage": {"prompt_tokens": 12, "completion_tokens": 2,
-                                                     "total_tokens": 14}}},
-                    "model_info": {"id": f"mock-t{tier}", "routenlp_tier": tier,
-                                   **({"routenlp_tasks": ["banking77", "clinc150"]} if tier == 1 else {}),
-                                   **({"routenlp_tasks": ["bitext"]} if tier == 2 else {})}})
-    return out
 
 
 async def one_request(callback, router, call_id: str, task: str = "banking77", tags=tuple(CLIENT_TAGS)) -> dict:
