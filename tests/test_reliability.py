@@ -382,13 +382,20 @@ def test_no_unauthenticated_access(proxy):
         assert 400 <= reply.status_code < 500, (headers, reply.status_code, reply.text[:200])
         assert "error" in reply.json(), reply.text[:200]
     assert httpx.post(proxy.base_url + "/v1/chat/completions", json=payload, timeout=60).status_code == 401
+    from litellm_routenlp.verdicts import ROUTE_PATH
+
     openapi = httpx.get(proxy.base_url + "/openapi.json", timeout=60)
-    if openapi.status_code == 200:
-        assert not [path for path in openapi.json().get("paths", {}) if "routenlp" in path.lower()]
-    # the plugin registers no HTTP routes of its own
+    if openapi.status_code == 200:  # the verdict route is the plugin's only one
+        assert set(p for p in openapi.json().get("paths", {}) if "routenlp" in p.lower()) <= {ROUTE_PATH}
+    assert httpx.post(proxy.base_url + ROUTE_PATH, json={"request_id": "x", "acceptable": True},
+                      timeout=60).status_code in (401, 404)   # 404: not mounted (no verdicts_path)
+    # the plugin registers exactly one HTTP route, in verdicts.py, behind LiteLLM's own key check
     for source in (ROOT / "litellm_routenlp").glob("*.py"):
         text = source.read_text()
         for marker in ("APIRouter", "add_api_route", "@app.", "include_router", ".route("):
+            if source.name == "verdicts.py" and marker == "add_api_route":
+                assert text.count(marker) == 1 and "Depends(user_api_key_auth)" in text
+                continue
             assert marker not in text, f"{source.name} registers an endpoint ({marker})"
 
 
