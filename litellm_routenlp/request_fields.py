@@ -168,6 +168,12 @@ def validate_request(data: Mapping[str, Any]) -> None:
         value = data.get(param)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RequestError(f"`{param}` must be a positive integer, got {value!r}", param=param)
+    response_format = data.get("response_format")
+    if response_format is not None and not (isinstance(response_format, Mapping)
+                                            and isinstance(response_format.get("type"), str)):
+        # LiteLLM 1.106.2 answers a non-object response_format with a 500 (APIConnectionError)
+        raise RequestError("`response_format` must be an object with a string `type` (e.g. {\"type\": \"text\"}), "
+                           f"got {response_format!r}", param="response_format")
     _refuse_unencodable_guardrails(data)
     for param in UNSUPPORTED_PARAMS:
         if data.get(param) not in (None, [], {}):

@@ -423,7 +423,8 @@ def test_undecodable_bodies_get_a_400_saying_so(http, raw):
     {"max_tokens": "ten"}, {"max_completion_tokens": "x"}, {"max_tokens": -5}, {"max_tokens": 0},
     {"max_tokens": 2.5}, {"max_tokens": 10**12}, {"temperature": "hot"}, {"temperature": -1}, {"top_p": 7},
     {"top_logprobs": 30}, {"logprobs": "yes"}, {"stop": 5}, {"seed": "x"}, {"user": 5},
-    {"response_format": {"type": "nonsense"}}, {"stream_options": {"include_usage": True}},
+    {"response_format": {"type": "nonsense"}}, {"response_format": "json"}, {"response_format": {"type": 3}},
+    {"stream_options": {"include_usage": True}},
     {"api_base": None}, {"api_base": "http://127.0.0.1:9/v1"}, {"api_key": "sk-other"},
     {"foo": {"bar": [1, 2]}}, {"mock_response": "not from a tier"},
 ], ids=lambda extra: "-".join(f"{k}={v!r}"[:30] for k, v in extra.items()))
