@@ -171,8 +171,7 @@ class VerdictStore:
         try:
             await self.log.append_async(record.to_dict())
         except Exception:
-            with self._lock:
-                self._seen.discard((record.request_id, record.source))
+            self._unclaim(record)
             raise
         self._count(record, tasks)
         return record
@@ -182,11 +181,15 @@ class VerdictStore:
         try:
             self.log.append(record.to_dict())
         except Exception:
-            with self._lock:
-                self._seen.discard((record.request_id, record.source))
+            self._unclaim(record)
             raise
         self._count(record, tasks)
         return record
+
+    def _unclaim(self, record: VerdictRecord) -> None:
+        """A verdict that did not reach the disk may be sent again."""
+        with self._lock:
+            self._seen.discard((record.request_id, record.source))
 
     def close(self) -> None:
         self.log.close()
