@@ -18,9 +18,7 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,61 +169,19 @@ def test_adaptation_settings_are_checked_at_start(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- two proxies
-class Upstream:
-    """Loopback OpenAI-compatible tiers (``/t<k>/v1/chat/completions``): an answer whose every token has
-    p = 0.6 (u = 0.4: under banking77's calibrated T1 delta 0.568, over half of it); ``fail`` tiers 500."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.calls = {k: 0 for k in (1, 2, 3, 4)}
-        self.fail: set[int] = set()
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                tier = int(self.path.split("/")[1][1:])
-                upstream.calls[tier] += 1
-                if tier in upstream.fail:
-                    self.send_response(500)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                lp = math.log(0.6)
-                body = json.dumps({
-                    "id": f"t{tier}", "object": "chat.completion", "created": int(time.time()), "model": f"t{tier}",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": "card_arrival"},
-                                 "logprobs": {"content": [{"token": "card", "logprob": lp, "top_logprobs": []},
-                                                          {"token": "_arrival", "logprob": lp, "top_logprobs": []}]}}],
-                    "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        ThreadingHTTPServer.daemon_threads = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+# every answer token has p = 0.6 (u = 0.4: under banking77's calibrated T1 delta 0.568, over half of it)
+ANSWER_LOGPROB = math.log(0.6)
 
 
 @pytest.fixture(scope="module")
-def two_proxies(tmp_path_factory):
+def two_proxies(tmp_path_factory, start_upstream):
     from test_verdicts import fake_tier_config
 
     from litellm_routenlp.proxy_process import ProxyProcess
 
     work = tmp_path_factory.mktemp("adaptation")
     redis_server = RedisServer(work)
-    upstream = Upstream()
+    upstream = start_upstream(logprob=ANSWER_LOGPROB)   # tests/fake_upstream.py: tiers /t<k>/v1
     proxies = []
     tasks = {name: {"kind": kind, "tau": tau} for name, kind, tau in
              (("banking77", "structured", 0.92), ("clinc150", "structured", 0.92), ("bitext", "generation", 0.65))}
@@ -247,7 +203,6 @@ def two_proxies(tmp_path_factory):
     finally:
         for proxy in proxies:
             proxy.stop()
-        upstream.close()
         redis_server.stop()
 
 
@@ -290,7 +245,7 @@ def test_litellms_cooldown_of_a_failing_tier_is_shared_through_redis(two_proxies
     (a, b), upstream, redis_server = two_proxies
     start = _ask(a, "where is my card")["x-routenlp-path"].split(",")[0]
     tier = int(start[1:])
-    upstream.fail.add(tier)
+    upstream.serve(tier, "error")   # HTTP 500
     try:
         import httpx
 
@@ -311,7 +266,7 @@ def test_litellms_cooldown_of_a_failing_tier_is_shared_through_redis(two_proxies
         print(f"\ncooldown keys in Redis: {keys}; B served by {headers['x-routenlp-tier']} "
               f"({headers['x-routenlp-degraded']})")
     finally:
-        upstream.fail.discard(tier)
+        upstream.serve(tier, "ok")
 
 
 def test_the_verdicts_cli_takes_the_same_aci_step_in_redis(redis_server, tmp_path):

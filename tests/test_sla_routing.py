@@ -6,7 +6,7 @@
   latencies are the plugin's own windows: an escalation over budget goes to a tier that meets it, or
   stops, and the record and ``x-routenlp-sla`` say so;
 * the real proxy (marker ``proxy``): one dedicated ``litellm --config`` proxy whose four tiers are
-  ``openai/...`` deployments on a tiny HTTP upstream this test controls (:class:`FakeUpstream`).  The
+  ``openai/...`` deployments on the loopback upstream this test controls (tests/fake_upstream.py).  The
   top tier starts answering 2 s late: requests of the task with a budget move to a tier that meets it,
   requests of the task without one are served as before.
 """
@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -168,56 +166,11 @@ BUDGET_MS = 1500      # banking77's p99 budget (a first call on a loaded machine
 QUERIES = 6           # per task and phase
 
 
-class FakeUpstream:
-    """One loopback OpenAI-compatible server for all four tiers (``/t<k>/v1/chat/completions``): a
-    confident two-token answer with logprobs after ``delay_s[k]`` seconds."""
-
-    def __init__(self) -> None:
-        from litellm_routenlp.proxy_process import free_port
-
-        self.port = free_port()
-        self.delay_s = {k: 0.0 for k in (1, 2, 3, 4)}
-        self.calls = {k: 0 for k in (1, 2, 3, 4)}
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                tier = int(self.path.split("/")[1][1:])
-                upstream.calls[tier] += 1
-                time.sleep(upstream.delay_s[tier])
-                body = json.dumps({
-                    "id": f"fake-t{tier}", "object": "chat.completion", "created": int(time.time()),
-                    "model": f"fake-t{tier}",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": "card_arrival"},
-                                 "logprobs": {"content": [{"token": "card", "logprob": -0.001, "top_logprobs": []},
-                                                          {"token": "_arrival", "logprob": -0.001,
-                                                           "top_logprobs": []}]}}],
-                    "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        ThreadingHTTPServer.daemon_threads = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
-def upstream():
-    server = FakeUpstream()
-    yield server
-    server.close()
+def upstream(start_upstream):
+    """All four tiers on one loopback server (tests/fake_upstream.py): a confident two-token answer with
+    logprobs after ``delay_s[k]`` seconds."""
+    return start_upstream()
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +182,7 @@ def sla_proxy(tmp_path_factory, upstream):
     document = {
         "model_list": [{"model_name": "routenlp",
                         "litellm_params": {"model": f"openai/fake-t{k}", "api_key": "not-used",
-                                           "api_base": f"http://127.0.0.1:{upstream.port}/t{k}/v1",
+                                           "api_base": upstream.api_base(k),
                                            "timeout": 30, "max_retries": 0,
                                            "input_cost_per_token": price, "output_cost_per_token": price},
                         "model_info": {"id": f"fake-t{k}", "routenlp_tier": k}} for k, price in prices.items()],
@@ -394,13 +347,12 @@ def test_start_over_budget_at_the_filter_hook(tmp_path, task, probabilities, dow
     assert state["sla"][0]["forced"] == (sla is not None)
 
 
+@pytest.mark.needs(artifacts=["encoder/model.onnx"])
 def test_bench_reports_sla_routing_for_every_routenlp_system(tmp_path):
     from test_bench_run import ENCODER, _synthetic_file
 
     from routenlp_cli.cli import main
 
-    if not (ENCODER / "model.onnx").is_file():
-        pytest.skip("run `make` (exports the encoder)")
     data_path, portfolio_path = _synthetic_file(tmp_path)
     out = tmp_path / "out"
     assert main(["bench", "--data", str(data_path), "--portfolio", str(portfolio_path), "--out", str(out),

@@ -102,7 +102,7 @@ def test_the_verdicts_cli_checks_the_whole_file_then_appends(tmp_path):
 # ----------------------------------------------------------------------------------------- real proxy
 def fake_tier_config(work: Path, upstream_port: int, **settings) -> Path:
     """A proxy config whose four tiers are ``openai/...`` deployments on the loopback FakeUpstream
-    (tests/test_sla_routing.py), no policy file, the paper's start rule."""
+    (tests/fake_upstream.py), no policy file, the paper's start rule."""
     prices = {1: 0.00001, 2: 0.0001, 3: 0.0008, 4: 0.008}
     routenlp = {"router_artifact": str(ROOT / "artifacts/router"), "decision_log_path": str(work / "decisions.jsonl"),
                 "verdicts_path": str(work / "verdicts.jsonl"), "shadow_audit": {"fraction": 0.0},
@@ -126,12 +126,10 @@ def fake_tier_config(work: Path, upstream_port: int, **settings) -> Path:
 
 
 @pytest.fixture(scope="module")
-def verdict_proxy(tmp_path_factory):
-    from test_sla_routing import FakeUpstream
-
+def verdict_proxy(tmp_path_factory, start_upstream):
     from litellm_routenlp.proxy_process import ProxyProcess, free_port
 
-    upstream = FakeUpstream()
+    upstream = start_upstream()
     work = tmp_path_factory.mktemp("verdicts")
     port = free_port()
     config = fake_tier_config(work, upstream.port, routenlp={"metrics_port": port})
@@ -140,7 +138,6 @@ def verdict_proxy(tmp_path_factory):
     process.work, process.metrics_port = work, port
     yield process
     process.stop()
-    upstream.close()
 
 
 @pytest.mark.proxy
