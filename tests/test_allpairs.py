@@ -12,10 +12,8 @@ import pytest
 from routenlp_core.allpairs import (AllPairsError, AllPairsRecord, Portfolio, TaskSpec, TierResult, TierSpec, acceptable,
                             append_allpairs, cheapest_acceptable_tier, data_sha256, load_portfolio, read_allpairs,
                             tier_values, write_allpairs, write_portfolio)
-from routenlp_core.paths import data_dir
 
-CASCADES = data_dir() / "cascades_9llm"
-pytestmark = pytest.mark.skipif(not CASCADES.is_dir(), reason=f"shared data not found at {CASCADES}")
+pytestmark = pytest.mark.needs(data=["cascades_9llm"])  # missing: fail saying how to get it (conftest.py)
 
 
 @pytest.fixture(scope="module")

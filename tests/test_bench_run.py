@@ -16,7 +16,7 @@ from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec, TierResu
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODER = ROOT / "artifacts" / "encoder"
-pytestmark = pytest.mark.skipif(not (ENCODER / "model.onnx").is_file(), reason="run `make` (exports the encoder)")
+pytestmark = pytest.mark.needs(artifacts=["encoder/model.onnx"])  # missing: fail saying how to build it
 
 
 def _synthetic_file(folder: Path) -> tuple[Path, Path]:

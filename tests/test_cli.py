@@ -20,13 +20,10 @@ import numpy as np
 import pytest
 
 from routenlp_core.allpairs import Portfolio, TierSpec, data_sha256, write_allpairs, write_portfolio
-from routenlp_core.paths import data_dir, project_root
+from routenlp_core.paths import project_root
 
 ENCODER_DIR = project_root() / "artifacts" / "encoder"
-pytestmark = [
-    pytest.mark.skipif(not (data_dir() / "cascades_9llm").is_dir(), reason="shared data not found"),
-    pytest.mark.skipif(not (ENCODER_DIR / "model.onnx").is_file(), reason="run `routenlp export-encoder` first"),
-]
+pytestmark = pytest.mark.needs(data=["cascades_9llm"], artifacts=["encoder/model.onnx"])  # missing: fail, say how
 
 TIER_NAMES = {"T1": "small", "T2": "medium", "T3": "large", "T4": "xl"}
 TASK = "med_quiz"

@@ -16,10 +16,9 @@ from calibration.calibrate import (calibrate, deltas_of, evaluate_thresholds, ro
 from calibration.conformal import (InsufficientCalibrationError, fit_delta, fit_delta_risk, violation_rate,
                                    wilson_interval)
 from routenlp_core.allpairs import TierResult, tier_values
-from routenlp_core.paths import data_dir, project_root
+from routenlp_core.paths import project_root
 
 ENCODER_DIR = project_root() / "artifacts" / "encoder"
-HAVE_DATA = (data_dir() / "cascades_9llm").is_dir()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -84,7 +83,7 @@ def _halves(dataset: str, seed: int = 1):
     return ([records[i] for i in sorted(order[:half])], [records[i] for i in sorted(order[half:])], portfolio)
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason="shared data not found")
+@pytest.mark.needs(data=["cascades_9llm"])
 @pytest.mark.parametrize("dataset", ["medmcqa", "truthfulqa"])
 def test_held_out_violation_rate_is_near_alpha_for_every_tier(dataset):
     calibration_set, held_out, portfolio = _halves(dataset)
@@ -98,7 +97,7 @@ def test_held_out_violation_rate_is_near_alpha_for_every_tier(dataset):
         assert document["thresholds"][tier][dataset]["violation"] <= alpha
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason="shared data not found")
+@pytest.mark.needs(data=["cascades_9llm"])
 def test_design_coverage_rule_keeps_correct_answers_but_does_not_bound_violations():
     calibration_set, held_out, portfolio = _halves("medmcqa")
     document = calibrate(calibration_set, portfolio, rule="coverage")
@@ -113,7 +112,7 @@ def test_design_coverage_rule_keeps_correct_answers_but_does_not_bound_violation
     assert evaluate_thresholds(held_out, portfolio, deltas_of(document))["T1"]["medmcqa"]["violation"] > 0.3
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason="shared data not found")
+@pytest.mark.needs(data=["cascades_9llm"])
 def test_thresholds_file_has_the_contract_shape_and_the_proxy_reads_it(tmp_path):
     from litellm_routenlp.thresholds import Thresholds
 
@@ -144,7 +143,7 @@ def test_thresholds_file_has_the_contract_shape_and_the_proxy_reads_it(tmp_path)
     assert loaded.delta("T4", "truthfulqa") is None
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason="shared data not found")
+@pytest.mark.needs(data=["cascades_9llm"])
 def test_degenerate_calibration_data_is_refused_naming_tier_and_task():
     from coopt.multimodel import load_cascades_9llm
 
@@ -183,8 +182,10 @@ class _EmbeddedRouter:
 
 @pytest.fixture(scope="module")
 def routed_setup(request, tmp_path_factory):
-    if not HAVE_DATA or not (ENCODER_DIR / "model.onnx").is_file():
-        pytest.skip("shared data or exported encoder missing")
+    from conftest import require_artifacts, require_data
+
+    require_data("cascades_9llm")  # missing: fail saying how to get it
+    require_artifacts("encoder/model.onnx")
     from coopt.multimodel import load_cascades_9llm
     from coopt.train_router import frozen_embeddings, train_router
     from litellm_routenlp.router_model import RouterModel

@@ -19,17 +19,13 @@ import pytest
 import yaml
 
 from routenlp_core.allpairs import load_portfolio, read_allpairs
-from routenlp_core.paths import data_dir, project_root
+from routenlp_core.paths import project_root
 
 ROOT = project_root()
 ARTIFACTS = ROOT / "artifacts"
 CONFIG = ROOT / "proxy_config.yaml"
 PORTFOLIO = ARTIFACTS / "portfolio.yaml"
-pytestmark = [
-    pytest.mark.skipif(not (data_dir() / "banking77").is_dir(), reason="shared data not found"),
-    pytest.mark.skipif(not (ARTIFACTS / "tiers").is_dir() or not (ARTIFACTS / "encoder" / "model.onnx").is_file(),
-                       reason="stand-in artifacts not built (`routenlp build-artifacts`)"),
-]
+pytestmark = pytest.mark.needs(data=["banking77"], artifacts=["tiers", "encoder/model.onnx"])  # missing: fail, say how
 
 
 def label(config: Path, out: Path, limit: int, cwd: Path) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from coopt.multimodel import (MultiModelDataError, ROUTELLM_PRICES, ROUTELLM_STR
 from routenlp_core.paths import data_dir
 
 DATA = data_dir()
-pytestmark = pytest.mark.skipif(not (DATA / "cascades_9llm").is_dir(), reason=f"shared data not found at {DATA}")
+pytestmark = pytest.mark.needs(data=["cascades_9llm"])  # missing: fail saying how to get it (conftest.py)
 
 
 def _accuracy(records, portfolio):

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from routenlp_core.paths import data_dir, project_root
+from routenlp_core.paths import project_root
 from coopt.static_encoder import _gather_graph, reduce_and_weight
 from litellm_routenlp.encoder import OnnxSentenceEncoder
 from routenlp_core.hashing import sha256_file
@@ -20,10 +20,7 @@ from litellm_routenlp.router_model import RouterArtifactError, RouterModel
 
 STATIC_DIR = project_root() / "artifacts" / "encoder-static"
 MINILM_DIR = project_root() / "artifacts" / "encoder"
-pytestmark = [
-    pytest.mark.skipif(not (STATIC_DIR / "model.onnx").is_file(), reason="run `make artifacts` first"),
-    pytest.mark.skipif(not (data_dir() / "cascades_9llm").is_dir(), reason="shared data not found"),
-]
+pytestmark = pytest.mark.needs(data=["cascades_9llm"], artifacts=["encoder-static/model.onnx"])  # missing: fail, say how
 
 
 @pytest.fixture(scope="module")

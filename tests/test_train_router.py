@@ -13,15 +13,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from routenlp_core.allpairs import cheapest_acceptable_tier
-from routenlp_core.paths import data_dir, project_root
+from routenlp_core.paths import project_root
 from coopt.train_router import forward_numpy, text_key, train_router
 from litellm_routenlp.router_model import RouterArtifactError, RouterModel
 
 ENCODER_DIR = project_root() / "artifacts" / "encoder"
-pytestmark = [
-    pytest.mark.skipif(not (data_dir() / "cascades_9llm").is_dir(), reason="shared data not found"),
-    pytest.mark.skipif(not (ENCODER_DIR / "model.onnx").is_file(), reason="run `routenlp export-encoder` first"),
-]
+pytestmark = pytest.mark.needs(data=["cascades_9llm"], artifacts=["encoder/model.onnx"])  # missing: fail, say how
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
