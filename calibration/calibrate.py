@@ -29,7 +29,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -37,7 +37,10 @@ from calibration.conformal import (ESCALATE_ALL_DELTA, InsufficientCalibrationEr
                                    violation_rate, wilson_interval)
 from routenlp_core.allpairs import (AllPairsRecord, Portfolio, data_sha256, load_portfolio, read_allpairs,
                             records_sha256, tier_values)
-from litellm_routenlp.policy import ConformalThresholds, PolicyAnswer, fitted_under, replay, should_escalate
+from litellm_routenlp.config import RouterSettings
+from litellm_routenlp.policy import (POLICY_FORMAT_VERSION, ConformalThresholds, PolicyAnswer, fitted_under, replay,
+                                     router_sha256, should_escalate)
+from litellm_routenlp.routers import Router, load_router, predict_served
 from litellm_routenlp.routing import choose_tier
 from litellm_routenlp.thresholds import Thresholds
 
@@ -45,6 +48,8 @@ FORMAT_VERSION = 2  # litellm_routenlp.policy.POLICY_FORMAT_VERSION; format 1 fi
 MIN_QUERIES_WARNING = 100
 RULES = ("risk", "coverage")
 PathLike = Union[str, os.PathLike[str]]
+#: ``routenlp_settings.router`` shape: ``{kind, module, options}`` (litellm_routenlp.config.RouterSettings)
+RouterSpec = Union[RouterSettings, Mapping[str, Any]]
 logger = logging.getLogger(__name__)
 
 
@@ -59,9 +64,37 @@ def select_calibration_queries(records: Sequence[AllPairsRecord], n_calib: int, 
     return chosen
 
 
-def router_start_tiers(records: Sequence[AllPairsRecord], router: Any, route_confidence: float = 0.5) -> np.ndarray:
+def calibration_router(router_artifact: Union[PathLike, Router], router: Optional[RouterSpec] = None,
+                       encoder_dir: Optional[PathLike] = None, router_quantized: bool = True) -> Router:
+    """The router calibration replays: a :class:`~litellm_routenlp.routers.Router` as given, or the one
+    the proxy's registry builds from ``router_artifact`` and ``router`` (``{kind, module, options}``,
+    default kind ``encoder_head``) -- the same factory the proxy serves from, so any kind the proxy
+    can serve can be calibrated."""
+    if isinstance(router_artifact, (str, os.PathLike)):
+        return load_router(router_artifact, router, encoder_dir=encoder_dir, router_quantized=router_quantized)
+    if router is not None:
+        raise ValueError("router settings are for building a router from router_artifact; a built router was given")
+    if not isinstance(router_artifact, Router):
+        raise TypeError(f"a {type(router_artifact).__name__} is not a router: a Router (litellm_routenlp.routers) has "
+                        "tiers / tasks / artifact_dir / max_chars / blocking / predict(texts, tasks)")
+    return router_artifact
+
+
+def _router_identity(router: Router) -> tuple[Optional[str], Optional[str]]:
+    """(``router_artifact``, ``fitted_under.router_sha256``) of the router: its artifact directory and
+    the sha256 of its ``router.json`` (what the proxy hashes when it checks the file against the router
+    it serves); None for a kind without an artifact."""
+    artifact_dir = router.artifact_dir
+    if artifact_dir is None:
+        return None, None
+    has_metadata = (Path(artifact_dir) / "router.json").is_file()
+    return str(artifact_dir), router_sha256(artifact_dir) if has_metadata else None
+
+
+def router_start_tiers(records: Sequence[AllPairsRecord], router: Router, route_confidence: float = 0.5) -> np.ndarray:
     """1-based tier the router sends each record to, decided as the proxy decides it."""
-    probabilities = router.predict_proba([record.prompt for record in records], [record.task for record in records])
+    probabilities = predict_served(router, [record.prompt for record in records],
+                                   [record.task for record in records]).route
     every_tier = list(range(1, probabilities.shape[1] + 1))
     return np.array([choose_tier(row, every_tier, route_confidence)[0] for row in probabilities], dtype=np.int64)
 
@@ -258,12 +291,14 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
               router_artifact: Optional[Union[PathLike, Any]] = None, alpha: float = 0.05, n_calib: int = 500,
               out_path: Optional[PathLike] = None, rule: str = "risk", route_confidence: float = 0.5,
               seed: int = 0, encoder_dir: Optional[PathLike] = None, router_quantized: bool = True,
-              max_hops: int = 3, no_logprobs_policy: str = "trust_router") -> dict[str, Any]:
+              max_hops: int = 3, no_logprobs_policy: str = "trust_router",
+              router: Optional[RouterSpec] = None) -> dict[str, Any]:
     """Fit delta[tier][task] on up to ``n_calib`` calibration queries per task; write ``out_path``.
 
-    ``router_artifact`` is the directory ``routenlp train`` wrote, or an already loaded
-    :class:`~litellm_routenlp.router_model.RouterModel` (anything with ``tiers`` and
-    ``predict_proba(texts, tasks)``).  The records must not have been used to train the router.  ``rule="risk"`` (default) controls
+    ``router_artifact`` is the directory ``routenlp train`` wrote (built into a router by the proxy's
+    registry under ``router``, the ``routenlp_settings.router`` shape; default kind ``encoder_head``),
+    or an already built :class:`~litellm_routenlp.routers.Router`.  The records must not have been
+    used to train the router.  ``rule="risk"`` (default) controls
     the violation rate Pr[q < tau and u <= delta] <= alpha (conformal risk control);
     ``rule="coverage"`` is DESIGN §3's quantile of correct answers' uncertainties, which bounds
     needless escalations of correct answers instead (see :mod:`calibration.conformal`).
@@ -276,21 +311,11 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
     chosen = select_calibration_queries(records, n_calib, seed)
     start_tiers, router_name, router_sha = None, None, None
     if router_artifact is not None:
-        if isinstance(router_artifact, (str, os.PathLike)):
-            from litellm_routenlp.router_model import RouterModel
-
-            router = RouterModel.load(router_artifact, encoder_dir=encoder_dir, quantized=router_quantized)
-        else:
-            router = router_artifact  # an already loaded RouterModel (or one with the same interface)
-        router_name = str(getattr(router, "artifact_dir", router_artifact))
-        if list(router.tiers) != portfolio.tier_names:
-            raise ValueError(f"router {router_name} has tiers {router.tiers}, the portfolio {portfolio.tier_names}")
-        start_tiers = router_start_tiers(chosen, router, route_confidence)
-        artifact_dir = getattr(router, "artifact_dir", None)
-        if artifact_dir is not None and (Path(artifact_dir) / "router.json").is_file():
-            from litellm_routenlp.policy import router_sha256
-
-            router_sha = router_sha256(artifact_dir)
+        router_used = calibration_router(router_artifact, router, encoder_dir, router_quantized)
+        router_name, router_sha = _router_identity(router_used)
+        if list(router_used.tiers) != portfolio.tier_names:
+            raise ValueError(f"router {router_name} has tiers {router_used.tiers}, the portfolio {portfolio.tier_names}")
+        start_tiers = router_start_tiers(chosen, router_used, route_confidence)
     document = {
         "format_version": FORMAT_VERSION,
         "policy": "conformal_thresholds",
@@ -317,37 +342,38 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
                               method: str = "wsr", target: float = 0.97, folds: int = 5, seed: int = 0,
                               encoder_dir: Optional[PathLike] = None, router_quantized: bool = True,
                               max_hops: int = 3, no_logprobs_policy: str = "trust_router",
-                              family: str = "cascade_routing") -> dict[str, Any]:
+                              family: str = "cascade_routing", router: Optional[RouterSpec] = None) -> dict[str, Any]:
     """Fit and certify ``family`` (``cascade_routing`` or ``posterior_threshold``) on calibration
     records; write the policy file (format 2).
 
     The records must not have been used to train the router (its ex-ante estimates must be out of
     sample); the posterior estimator is cross-fitted on them (:mod:`calibration.fit_cascade_routing`,
     which says what is held apart).  ``target`` is the quality ratio every task must keep against the
-    top tier.  The document records the policy, per-task lambda + certificate, costs, sigmas, the
-    posterior estimator (inline) and ``fitted_under``; :func:`litellm_routenlp.policy.load_policy`
-    reads it back.
+    top tier.  ``router_artifact`` and ``router`` are as for :func:`calibrate`; the router must give
+    acceptance estimates.  The document records the policy, per-task lambda + certificate, costs,
+    sigmas, the posterior estimator (inline) and ``fitted_under``;
+    :func:`litellm_routenlp.policy.load_policy` reads it back.
     """
+    # local: certification pulls in scipy.stats (~1.2 s), which the paper rule (calibrate, coopt evaluate) never needs
     from calibration.fit_cascade_routing import FAMILIES, CalibrationRows, fit_cascade_routing
-    from litellm_routenlp.policy import POLICY_FORMAT_VERSION, router_sha256
 
     portfolio, records, data_hash = _calibration_records(allpairs_path, portfolio)
-    if isinstance(router_artifact, (str, os.PathLike)):
-        from litellm_routenlp.router_model import RouterModel
-
-        router = RouterModel.load(router_artifact, encoder_dir=encoder_dir, quantized=router_quantized)
-    else:
-        router = router_artifact
+    router_used = calibration_router(router_artifact, router, encoder_dir, router_quantized)
+    router_name, router_sha = _router_identity(router_used)
     names = portfolio.tier_names
-    if list(router.tiers) != names:
-        raise ValueError(f"router has tiers {router.tiers}, the portfolio {names}")
+    if list(router_used.tiers) != names:
+        raise ValueError(f"router has tiers {router_used.tiers}, the portfolio {names}")
     tasks = np.array([record.task for record in records])
     available = {}
     for task in sorted(set(tasks.tolist())):
         served = served_tiers(records, np.nonzero(tasks == task)[0], names)
         available[task] = [k + 1 for k, ok in enumerate(served) if ok or k == len(names) - 1]
     quality = tier_values(records, names, "quality")
-    rows = CalibrationRows(tasks=tasks, ex_ante=router.predict_acceptance([r.prompt for r in records], list(tasks)),
+    ex_ante = predict_served(router_used, [r.prompt for r in records], list(tasks)).acceptance
+    if ex_ante is None:
+        raise ValueError(f"router {router_name or type(router_used).__name__} gives no acceptance estimates; "
+                         f"policy {family} starts and stops on them (use the conformal_thresholds policy)")
+    rows = CalibrationRows(tasks=tasks, ex_ante=ex_ante,
                            quality=quality, acceptable=quality >= np.array([portfolio.tau(t) for t in tasks])[:, None],
                            uncertainty=tier_values(records, names, "uncertainty"),
                            cost=tier_values(records, names, "cost_usd"),
@@ -356,14 +382,12 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
                                  method=method, folds=folds, seed=seed, max_hops=max_hops,
                                  no_logprobs_policy=no_logprobs_policy, family=family,
                                  lambdas=FAMILIES[family])
-    artifact_dir = getattr(router, "artifact_dir", None)
-    router_sha = router_sha256(artifact_dir) if artifact_dir is not None and (Path(artifact_dir) / "router.json").is_file() else None
     document = {
         "format_version": POLICY_FORMAT_VERSION,
         **fitted.document,
         "target": target,
         "data_sha256": data_hash,
-        "router_artifact": None if artifact_dir is None else str(artifact_dir),
+        "router_artifact": router_name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "fitted_under": fitted_under(router_sha, router_quantized, no_logprobs_policy, max_hops,
                                      {task: {"tau": spec.tau, "kind": spec.kind} for task, spec in portfolio.tasks.items()}),

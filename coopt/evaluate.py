@@ -1,6 +1,8 @@
 """The figures each iteration is judged by: the proxy's cascade replayed over held-out all-pairs queries.
 
-For every query the decision policy (:mod:`litellm_routenlp.policy`; default the paper's
+For every query the router (any :class:`litellm_routenlp.routers.Router`, asked as the proxy asks it;
+build one with :func:`litellm_routenlp.routers.load_router`, the proxy's registry) gives its estimates,
+the decision policy (:mod:`litellm_routenlp.policy`; default the paper's
 ``conformal_thresholds``) picks a start tier among the tiers that serve the task, then
 :func:`litellm_routenlp.cascade.run_cascade` -- the proxy's own cascade loop, deciding through the
 same policy -- walks up with the recorded answers (paper rule: a tier's answer is kept while
@@ -22,6 +24,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from calibration.calibrate import served_tiers
+from litellm_routenlp.cascade import TierAnswer, run_cascade
+from litellm_routenlp.policy import ConformalThresholds, decide_start
+from litellm_routenlp.routers import Router, RouterEstimates, predict_served
 from routenlp_core.allpairs import AllPairsRecord, Portfolio, acceptable
 from routenlp_core.decision_record import DecisionRecord, PolicyRecord, RouteRecord
 
@@ -61,8 +67,6 @@ class Outcome:
 
 def served_tier_numbers(records: Sequence[AllPairsRecord], portfolio: Portfolio, task: str) -> list[int]:
     """1-based tiers that serve ``task`` (a tier whose every answer is a ``not served`` error does not)."""
-    from calibration.calibrate import served_tiers
-
     rows = np.array([i for i, r in enumerate(records) if r.task == task])
     served = served_tiers(records, rows, portfolio.tier_names)
     numbers = [k + 1 for k, ok in enumerate(served) if ok]
@@ -70,18 +74,25 @@ def served_tier_numbers(records: Sequence[AllPairsRecord], portfolio: Portfolio,
     return numbers if top in numbers else numbers + [top]
 
 
-def start_tiers(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: Any,
-                route_confidence: float = 0.5, policy: Any = None,
-                acceptance: Optional[np.ndarray] = None) -> list[int]:
-    """1-based start tier per record: ``policy.start`` among the tiers serving the record's task
-    (default policy: the paper rule at ``route_confidence``)."""
-    from litellm_routenlp.policy import ConformalThresholds, decide_start
+def router_estimates(records: Sequence[AllPairsRecord], router: Router) -> RouterEstimates:
+    """The router's estimates for every record, asked as the proxy asks (one call, the proxy's cut)."""
+    if not isinstance(router, Router):
+        raise TypeError(f"a {type(router).__name__} is not a router: a Router (litellm_routenlp.routers) has "
+                        "tiers / tasks / artifact_dir / max_chars / blocking / predict(texts, tasks)")
+    return predict_served(router, [r.prompt for r in records], [r.task for r in records])
 
+
+def start_tiers(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: Router,
+                route_confidence: float = 0.5, policy: Any = None,
+                estimates: Optional[RouterEstimates] = None) -> list[int]:
+    """1-based start tier per record: ``policy.start`` among the tiers serving the record's task
+    (default policy: the paper rule at ``route_confidence``), on ``estimates`` (default: ask ``router``)."""
     policy = policy if policy is not None else ConformalThresholds(route_confidence=route_confidence)
-    probabilities = router.predict_proba([r.prompt for r in records], [r.task for r in records])
+    estimates = estimates if estimates is not None else router_estimates(records, router)
+    acceptance = estimates.acceptance
     served = {task: served_tier_numbers(records, portfolio, task) for task in {r.task for r in records}}
     return [decide_start(policy, r.task, served[r.task], row, None if acceptance is None else acceptance[i]).tier
-            for i, (row, r) in enumerate(zip(probabilities, records))]
+            for i, (row, r) in enumerate(zip(estimates.route, records))]
 
 
 def replay_cascade(records: Sequence[AllPairsRecord], portfolio: Portfolio, starts: Sequence[int], thresholds: Any,
@@ -91,8 +102,6 @@ def replay_cascade(records: Sequence[AllPairsRecord], portfolio: Portfolio, star
 
     ``policy`` (default: the paper rule from ``thresholds``) decides every step; ``acceptance`` (n, K)
     is the router's ex-ante estimate a ``cascade_routing`` policy reads."""
-    from litellm_routenlp.cascade import TierAnswer, run_cascade
-
     names = {k + 1: name for k, name in enumerate(portfolio.tier_names)}
     served = {task: served_tier_numbers(records, portfolio, task) for task in {r.task for r in records}}
 
@@ -159,20 +168,19 @@ def summarise(outcomes: Sequence[Outcome], records: Sequence[AllPairsRecord], po
     return out
 
 
-def evaluate(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: Any, thresholds: Any,
+def evaluate(records: Sequence[AllPairsRecord], portfolio: Portfolio, router: Router, thresholds: Any,
              route_confidence: float = 0.5, max_hops: int = 3, policy: Any = None) -> tuple[dict[str, Any], list[Outcome]]:
     """Route + cascade every record with ``policy`` (default: the paper rule from ``thresholds``);
-    the Table-4 figures and the per-query outcomes."""
-    from litellm_routenlp.policy import ConformalThresholds
+    the Table-4 figures and the per-query outcomes.
 
+    Like the proxy, the policy is handed both of the router's outputs (the paper rule reads the route
+    probabilities, the certified policies the acceptance estimates; None when the router has none)."""
     if policy is None:
         policy = ConformalThresholds(thresholds, route_confidence=route_confidence, max_hops=max_hops)
-    acceptance = None
-    if getattr(policy, "name", "") in ("cascade_routing", "posterior_threshold"):  # the paper rule reads route probabilities only
-        acceptance = router.predict_acceptance([r.prompt for r in records], [r.task for r in records])
-    starts = start_tiers(records, portfolio, router, route_confidence, policy, acceptance)
+    estimates = router_estimates(records, router)
+    starts = start_tiers(records, portfolio, router, route_confidence, policy, estimates)
     outcomes = replay_cascade(records, portfolio, starts, thresholds, max_hops=max_hops, policy=policy,
-                              acceptance=acceptance)
+                              acceptance=estimates.acceptance)
     return summarise(outcomes, records, portfolio), outcomes
 
 

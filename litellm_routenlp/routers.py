@@ -17,10 +17,15 @@ raises ``RouterArtifactError`` when its artifact is unusable (the proxy then fai
 from __future__ import annotations
 
 import importlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
+from pydantic import ValidationError
+
+from .config import RouterSettings, load_settings
 
 DEFAULT_KIND = "encoder_head"
 
@@ -115,5 +120,53 @@ def _encoder_head(settings: Any, options: Mapping[str, Any]) -> Router:
                             quantized=settings.router_quantized)
 
 
-__all__ = ["DEFAULT_KIND", "ROUTERS", "Router", "RouterEstimates", "RouterSettingError", "build_router",
-           "register_router"]
+@dataclass(frozen=True)
+class OfflineRouterSettings:
+    """The part of ``routenlp_settings`` a router factory reads, for steps that have no proxy config.
+
+    Calibration replay and ``coopt evaluate`` build their router with :func:`load_router` from these
+    four settings (the same names and meaning as in the proxy's settings), so a kind the proxy can
+    serve can be calibrated and evaluated.  A factory that needs more of the proxy's settings is
+    built from the proxy config itself (:func:`router_from_config`)."""
+
+    router_artifact: Optional[Path]
+    router: RouterSettings
+    encoder_dir: Optional[Path] = None
+    router_quantized: bool = True
+
+
+def load_router(router_artifact: Optional[Union[str, os.PathLike[str]]],
+                router: Union[RouterSettings, Mapping[str, Any], None] = None, *,
+                encoder_dir: Optional[Union[str, os.PathLike[str]]] = None, router_quantized: bool = True) -> Router:
+    """The router an offline step replays, built by the proxy's registry (:func:`build_router`).
+
+    ``router`` has the shape of ``routenlp_settings.router`` (``{kind, module, options}``; default
+    kind ``encoder_head``, which loads ``router_artifact`` as the proxy does).  A bad ``router``
+    raises :class:`RouterSettingError` naming the field."""
+    try:
+        spec = router if isinstance(router, RouterSettings) else RouterSettings.model_validate(dict(router or {}))
+    except ValidationError as error:
+        item = error.errors()[0]
+        raise RouterSettingError(".".join(str(part) for part in item["loc"]) or "kind", item["msg"]) from None
+    return build_router(OfflineRouterSettings(
+        router_artifact=None if router_artifact is None else Path(router_artifact), router=spec,
+        encoder_dir=None if encoder_dir is None else Path(encoder_dir), router_quantized=router_quantized))
+
+
+def router_from_config(config_path: Union[str, os.PathLike[str]]) -> tuple[Router, Any]:
+    """(router, settings) from a proxy config: exactly the router the proxy would serve with it."""
+    settings, _ = load_settings(config_path)
+    return build_router(settings), settings
+
+
+def predict_served(router: Router, texts: Sequence[str], tasks: Sequence[Optional[str]]) -> RouterEstimates:
+    """``router.predict`` on the texts the proxy would give it: each cut at ``router.max_chars``.
+
+    The proxy cuts the query there before asking the router (plugin.py ``decide``); an offline
+    replay that did not would score a router on inputs it is never served."""
+    cut = router.max_chars
+    return router.predict([text if cut is None else text[:cut] for text in texts], list(tasks))
+
+
+__all__ = ["DEFAULT_KIND", "ROUTERS", "OfflineRouterSettings", "Router", "RouterEstimates", "RouterSettingError",
+           "build_router", "load_router", "predict_served", "register_router", "router_from_config"]

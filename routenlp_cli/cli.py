@@ -5,7 +5,8 @@
     routenlp build-artifacts  [--artifacts artifacts] [--router]
     routenlp label            --config proxy_config.yaml --task banking77 [--split train] [--limit N] --out F.jsonl
     routenlp train            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--mode frozen|finetune]
-    routenlp calibrate        --data F.jsonl --portfolio P.yaml [--router DIR] [--alpha 0.05] --out thresholds.json
+    routenlp calibrate        --data F.jsonl --portfolio P.yaml [--router DIR | --config proxy_config.yaml] [--alpha 0.05]
+                              --out thresholds.json
     routenlp bench            --data F.jsonl [--data G.jsonl] --portfolio P.yaml --out DIR [--seeds 5] [--split 0.6,0.2,0.2]
     routenlp bench            --dataset cascades_9llm|routerbench|routellm|all --out DIR  (the shared sets)
     routenlp coopt            [run|read-logs|failures|cluster|select|distill|retrain|compare|status|
@@ -79,23 +80,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
 CERTIFIED_POLICIES = ("posterior_threshold", "cascade_routing")
 
 
+def _serving_router(args: argparse.Namespace) -> tuple[object, dict]:
+    """(router, the serving settings calibration must replay) from ``--config`` or ``--router``.
+
+    ``--config`` builds the router the proxy config names (``routenlp_settings.router``, any
+    registered kind) and takes its ``router_quantized``, ``max_hops``, ``no_logprobs_policy`` and
+    ``route_confidence``, so the policy file is fitted under exactly what that proxy serves."""
+    if args.config is None:
+        return args.router, {}
+    from litellm_routenlp.routers import router_from_config
+
+    router, settings = router_from_config(args.config)
+    return router, {"router_quantized": settings.router_quantized, "max_hops": settings.max_hops,
+                    "no_logprobs_policy": settings.no_logprobs_policy, "route_confidence": settings.route_confidence}
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.calibrate import calibrate
     from routenlp_core.allpairs import load_portfolio
 
+    router, serving = _serving_router(args)
     if args.policy in CERTIFIED_POLICIES:
         from calibration.calibrate import calibrate_cascade_routing
 
-        if args.router is None:
-            raise SystemExit(f"routenlp calibrate: --policy {args.policy} needs --router (its ex-ante estimates)")
-        document = calibrate_cascade_routing(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
+        if router is None:
+            raise SystemExit(f"routenlp calibrate: --policy {args.policy} needs --router or --config "
+                             "(its ex-ante estimates)")
+        serving.pop("route_confidence", None)  # the certified policies start on acceptance estimates
+        document = calibrate_cascade_routing(args.data, load_portfolio(args.portfolio), router_artifact=router,
                                              out_path=args.out, guarantee=args.guarantee, delta=args.delta,
-                                             target=args.target, family=args.policy)
+                                             target=args.target, family=args.policy, **serving)
         for task, entry in document["tasks"].items():
             print(f"{task}: {(entry.get('certificate') or {}).get('message')}")
         return 0
-    result = calibrate(args.data, load_portfolio(args.portfolio), router_artifact=args.router,
-                       alpha=args.alpha, n_calib=args.n, out_path=args.out)
+    result = calibrate(args.data, load_portfolio(args.portfolio), router_artifact=router,
+                       alpha=args.alpha, n_calib=args.n, out_path=args.out, **serving)
     _print_thresholds(result)
     return 0
 
@@ -229,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit conformal cascade thresholds delta[tier][task]")
     p.add_argument("--data", required=True)
     p.add_argument("--portfolio", required=True)
-    p.add_argument("--router", default=None, help="router artifact: fit on the queries that reach each tier")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--router", default=None, help="router artifact: fit on the queries that reach each tier")
+    which.add_argument("--config", default=None,
+                       help="proxy config: calibrate under the router its routenlp_settings.router names (any "
+                            "registered kind) and its router_quantized / max_hops / no_logprobs_policy / "
+                            "route_confidence")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--n", type=int, default=500, help="calibration queries per task")
     p.add_argument("--out", required=True)
@@ -365,10 +389,10 @@ def _cmd_coopt_read_logs(args: argparse.Namespace) -> int:
 def _cmd_coopt_failures(args: argparse.Namespace) -> int:
     from coopt.failures import score_failures, write_failures
     from coopt.logs import read_requests
-    from coopt.versions import serving
+    from coopt.versions import serving_config
 
-    with serving(Path(args.serve) if args.serve else None, args.artifacts):
-        failures = score_failures(read_requests(args.requests), args.config, tasks=args.tasks,
+    with serving_config(args.config, args.artifacts, args.serve) as config:
+        failures = score_failures(read_requests(args.requests), config, tasks=args.tasks,
                                   max_tokens=args.max_tokens)
     write_failures(failures, args.out)
     for task in sorted({f.task for f in failures}):
@@ -398,7 +422,7 @@ def _cmd_coopt_select(args: argparse.Namespace) -> int:
     from coopt.failures import read_failures
     from coopt.logs import read_requests
     from coopt.selection import composition, fill_teacher_outputs, select_random, select_targeted, write_items
-    from coopt.versions import serving
+    from coopt.versions import serving_config
 
     requests = read_requests(args.requests)
     if args.random:
@@ -408,8 +432,8 @@ def _cmd_coopt_select(args: argparse.Namespace) -> int:
             raise ValueError("targeted selection needs --failures and --clusters (or use --random task=n,...)")
         items = select_targeted(read_failures(args.failures), read_clusters(args.clusters), requests,
                                 args.hard_fraction, args.random_share, seed=args.seed)
-    with serving(Path(args.serve) if args.serve else None, args.artifacts):
-        items = fill_teacher_outputs(items, args.config, max_tokens=args.teacher_max_tokens)
+    with serving_config(args.config, args.artifacts, args.serve) as config:
+        items = fill_teacher_outputs(items, config, max_tokens=args.teacher_max_tokens)
     write_items(items, args.out)
     print(f"{composition(items)} -> {args.out}")
     return 0

@@ -16,6 +16,7 @@ from calibration.calibrate import (calibrate, deltas_of, evaluate_thresholds, ro
 from calibration.conformal import (InsufficientCalibrationError, fit_delta, fit_delta_risk, violation_rate,
                                    wilson_interval)
 from routenlp_core.allpairs import TierResult, tier_values
+from litellm_routenlp.routers import RouterEstimates
 from routenlp_core.paths import project_root
 
 ENCODER_DIR = project_root() / "artifacts" / "encoder"
@@ -173,11 +174,13 @@ class _EmbeddedRouter:
 
     def __init__(self, model, embeddings_by_text):
         self.model, self.rows = model, embeddings_by_text
-        self.tiers, self.artifact_dir = model.tiers, model.artifact_dir
+        self.tiers, self.tasks, self.artifact_dir = model.tiers, model.tasks, model.artifact_dir
+        self.max_chars, self.blocking = None, False
 
-    def predict_proba(self, texts, tasks):
+    def predict(self, texts, tasks):  # the Router protocol (litellm_routenlp.routers)
         embeddings = np.stack([self.rows[text] for text in texts])
-        return self.model.predict_proba_from_embeddings(embeddings, self.model._task_ids(tasks))
+        route, acceptance = self.model.predict_both_from_embeddings(embeddings, self.model._task_ids(tasks))
+        return RouterEstimates(route=route, acceptance=acceptance)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +214,7 @@ def test_routed_calibration_fits_each_tier_on_the_queries_that_reach_it(routed_s
     # On MedMCQA the router's P(acceptable by T2) hovers near 0.6 for every query; a confidence at
     # its median splits the traffic between T2 and T3, so T3 is reached both ways.
     chosen = select_calibration_queries(calibration_set, 500)
-    probabilities = router.predict_proba([r.prompt for r in chosen], [r.task for r in chosen])
+    probabilities = router.predict([r.prompt for r in chosen], [r.task for r in chosen]).route
     confidence = float(np.median(probabilities[:, :2].sum(axis=1)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # thin tiers warn; that is expected here

@@ -11,6 +11,7 @@ import pytest
 from routenlp_core.allpairs import AllPairsRecord, TierResult, portfolio_from_dict
 from coopt.evaluate import replay_cascade, start_tiers, summarise
 from coopt.logs import RequestRecord, TierCall
+from litellm_routenlp.routers import RouterEstimates
 from litellm_routenlp.thresholds import Thresholds
 
 PORTFOLIO = portfolio_from_dict({
@@ -64,8 +65,10 @@ def test_cascade_replay_follows_the_proxys_rules_and_prices_every_tier_tried() -
 
 def test_start_tiers_choose_among_the_tiers_serving_the_task() -> None:
     class Router:  # P(cheapest acceptable tier = k): T1 for every query
-        def predict_proba(self, texts, tasks):
-            return np.tile([0.9, 0.05, 0.05], (len(texts), 1))
+        tiers, tasks, artifact_dir, max_chars, blocking = ("T1", "T2", "T3"), ("intent", "support"), None, None, False
+
+        def predict(self, texts, tasks):
+            return RouterEstimates(route=np.tile([0.9, 0.05, 0.05], (len(texts), 1)), acceptance=None)
 
     assert start_tiers(RECORDS, PORTFOLIO, Router()) == [1, 1, 1, 1, 2, 2]   # T1 does not serve `support`
 

@@ -14,6 +14,7 @@ from litellm_routenlp.policy import (POLICIES, CascadeRouting, ConformalThreshol
                                      StartState, StepState, TaskPolicy, check_fitted_under, expected_best,
                                      fitted_under, load_policy, replay)
 from litellm_routenlp.quality_estimates import PosteriorEstimator
+from litellm_routenlp.routers import RouterEstimates
 from litellm_routenlp.thresholds import Thresholds
 
 NAMES = {1: "T1", 2: "T2", 3: "T3", 4: "T4"}
@@ -168,11 +169,11 @@ def test_calibrated_cascade_routing_file_loads_and_decides(tmp_path, data_dir):
                                  load_cascades_9llm("truthfulqa", limit=60, data_dir=data_dir))
 
     class PriorRouter:  # a router whose ex-ante estimate is each tier's training acceptance rate
-        tiers = portfolio.tier_names
-        artifact_dir = None
+        tiers, tasks, artifact_dir, max_chars, blocking = portfolio.tier_names, (), None, None, False
 
-        def predict_acceptance(self, texts, tasks):
-            return np.tile([0.4, 0.55, 0.7, 0.8], (len(texts), 1))
+        def predict(self, texts, tasks):  # the Router protocol (litellm_routenlp.routers)
+            acceptance = np.tile([0.4, 0.55, 0.7, 0.8], (len(texts), 1))
+            return RouterEstimates(route=np.full(acceptance.shape, 0.25), acceptance=acceptance)
 
     path = tmp_path / "policy.json"
     document = calibrate_cascade_routing(records, portfolio, PriorRouter(), out_path=path, folds=2)
@@ -277,11 +278,11 @@ def test_calibrated_posterior_threshold_file_loads_decides_and_orders_its_grid_s
     records, portfolio = combine(load_cascades_9llm("medmcqa", limit=400, data_dir=data_dir))
 
     class PriorRouter:
-        tiers = portfolio.tier_names
-        artifact_dir = None
+        tiers, tasks, artifact_dir, max_chars, blocking = portfolio.tier_names, (), None, None, False
 
-        def predict_acceptance(self, texts, tasks):
-            return np.tile([0.35, 0.5, 0.72, 0.77], (len(texts), 1))
+        def predict(self, texts, tasks):  # the Router protocol (litellm_routenlp.routers)
+            acceptance = np.tile([0.35, 0.5, 0.72, 0.77], (len(texts), 1))
+            return RouterEstimates(route=np.full(acceptance.shape, 0.25), acceptance=acceptance)
 
     path = tmp_path / "policy.json"
     document = calibrate_cascade_routing(records, portfolio, PriorRouter(), out_path=path, folds=2,

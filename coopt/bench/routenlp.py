@@ -43,6 +43,7 @@ import numpy as np
 from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec
 from coopt.bench.metrics import Routes
 from coopt.bench.systems import THRESHOLD_GRID, FitContext, RatioScorer, RoutingSystem, knob_grid, pick, register
+from litellm_routenlp.routers import RouterEstimates
 
 ROUTE_CONFIDENCES = THRESHOLD_GRID  # the baselines' grid; fit() adds quantiles of the router's own scores
 ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -62,13 +63,17 @@ def proxy_defaults() -> dict[str, Any]:
 class EmbeddedRouter:
     """A loaded RouterModel that reads the benchmark's cached embeddings instead of running the encoder.
 
-    It has what :func:`calibration.calibrate.calibrate` needs of a router (``tiers``,
-    ``predict_proba(texts, tasks)``); ``task_map`` renames tasks (the pooled ablation).
+    It is a :class:`litellm_routenlp.routers.Router` (what :func:`calibration.calibrate.calibrate`
+    replays); ``task_map`` renames tasks (the pooled ablation).
     """
+
+    max_chars = None   # the texts are looked up, not encoded: no cut
+    blocking = False
 
     def __init__(self, model: Any, data: Any, task_map: Optional[dict[str, str]] = None) -> None:
         self.model = model
         self.tiers = model.tiers
+        self.tasks = model.tasks
         self.artifact_dir = model.artifact_dir
         self.data = data
         self.task_map = task_map or {}
@@ -86,9 +91,12 @@ class EmbeddedRouter:
         return self.model.predict_acceptance_from_embeddings(self.data.embeddings[rows],
                                                              self.task_ids(self.data.task_names[rows].tolist()))
 
-    def predict_proba(self, texts: Sequence[str], tasks: Sequence[str]) -> np.ndarray:
+    def predict(self, texts: Sequence[str], tasks: Sequence[str]) -> RouterEstimates:
+        """Both head outputs for texts of the benchmark (their cached embeddings), as RouterModel.predict."""
         rows = np.array([self._row_of[text] for text in texts], dtype=np.int64)
-        return self.model.predict_proba_from_embeddings(self.data.embeddings[rows], self.task_ids(list(tasks)))
+        route, acceptance = self.model.predict_both_from_embeddings(self.data.embeddings[rows],
+                                                                    self.task_ids(list(tasks)))
+        return RouterEstimates(route=route, acceptance=acceptance)
 
 
 def pooled_training_set(records: Sequence[AllPairsRecord], portfolio: Portfolio) -> tuple[list[AllPairsRecord], Portfolio]:
