@@ -5,7 +5,7 @@ ONE real ``litellm --config`` proxy for the module (the tests below run in file 
 
 * T1 classifier, T2 SmolLM2 and T4 replay are the local stand-ins of ``proxy_config.yaml``;
 * T3 is an ``openai/...`` deployment whose ``api_base`` is a loopback port this test controls
-  (:class:`FakeTier`): first nothing listens there (connection refused: a real outage), then a server
+  (tests/fake_upstream.py): first nothing listens there (connection refused: a real outage), then a server
   that hangs past the deployment's timeout, then one that answers HTTP 500, and at last one that
   answers normally but WITHOUT logprobs (a provider like Anthropic or Ollama);
 * ``router_settings: {num_retries: 2, allowed_fails: 0, cooldown_time: COOLDOWN}``, so LiteLLM cools
@@ -29,14 +29,13 @@ import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 from litellm_routenlp.decision_log import DecisionLog, read_decisions
-from litellm_routenlp.proxy_process import ProxyProcess, free_port
+from litellm_routenlp.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 COOLDOWN = 6          # seconds a failing deployment stays out (router_settings.cooldown_time)
@@ -46,72 +45,11 @@ PER_CLIENT = 4        # requests each client sends back to back (800 in all)
 SENTINEL = "ZEBRA-4417-QUOKKA"  # appears in prompts only: must never appear in our logs
 
 
-# ----------------------------------------------------------------------------------------- fake tier
-class FakeTier:
-    """What listens on T3's port: nothing (refused), a hanging server, HTTP 500, or a normal answer."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.mode = "down"
-        self.requests = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._release = threading.Event()
-
-    def serve(self, mode: str) -> None:
-        assert mode in ("hang", "error", "ok")
-        self.mode = mode
-        if self._server is not None:
-            return
-        tier = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_POST(self):  # noqa: N802 (http.server naming)
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                tier.requests += 1
-                if tier.mode == "hang":
-                    tier._release.wait(T3_TIMEOUT * 4)
-                    return
-                if tier.mode == "error":
-                    # like providers that quote the input back in their error message
-                    quoted = str((body.get("messages") or [{}])[-1].get("content"))[:200]
-                    payload = {"error": {"message": f"internal error while processing: {quoted}",
-                                         "type": "server_error"}}
-                    return self._send(500, payload)
-                self._send(200, {
-                    "id": "chatcmpl-fake-t3", "object": "chat.completion", "created": int(time.time()),
-                    "model": "fake-t3",
-                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": "fake T3 answer"}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}})
-
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        ThreadingHTTPServer.daemon_threads = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
 # ----------------------------------------------------------------------------------------- the proxy
-def outage_config(work: Path, t3_port: int) -> Path:
+def outage_config(work: Path, t3_api_base: str) -> Path:
     document = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
     t3 = next(d for d in document["model_list"] if d["model_info"]["routenlp_tier"] == 3)
-    t3["litellm_params"] = {"model": "openai/outage-standin", "api_base": f"http://127.0.0.1:{t3_port}/v1",
+    t3["litellm_params"] = {"model": "openai/outage-standin", "api_base": t3_api_base,
                             "api_key": "not-used", "timeout": T3_TIMEOUT, "max_retries": 0,
                             "input_cost_per_token": 0.0008, "output_cost_per_token": 0.0008}
     document["router_settings"] = {"num_retries": 2, "allowed_fails": 0, "cooldown_time": COOLDOWN}
@@ -126,16 +64,17 @@ def outage_config(work: Path, t3_port: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fake_t3():
-    tier = FakeTier(free_port())
-    yield tier
-    tier.close()
+def fake_t3(start_upstream):
+    """What listens on T3's port (tests/fake_upstream.py): first nothing (connection refused); then, as
+    each test asks, a server that hangs, answers HTTP 500 quoting the prompt, or answers normally but
+    without logprobs."""
+    return start_upstream(listening=False, logprob=None, tokens=("fake", " T3", " answer"), hang_s=T3_TIMEOUT * 4)
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory, fake_t3):
     work = tmp_path_factory.mktemp("reliability")
-    process = ProxyProcess(outage_config(work, fake_t3.port), log_path=work / "proxy.log", cwd=ROOT)
+    process = ProxyProcess(outage_config(work, fake_t3.api_base(3)), log_path=work / "proxy.log", cwd=ROOT)
     process.start(timeout=240)
     process.decision_log = work / "decisions.jsonl"
     process.stdout_log = work / "proxy.log"
@@ -287,7 +226,7 @@ def test_200_concurrent_clients_with_t3_down_zero_failures_every_answer_from_a_h
 def _wait_for_t3_contact(proxy, fake_t3, queries, mode: str, budget_s: float) -> list[tuple[int, dict, float]]:
     """Switch T3 to ``mode`` and send support questions (wanted: T3) until T3 has been contacted again
     (its cooldown ran out); return every (status, headers, seconds) seen."""
-    fake_t3.serve(mode)
+    fake_t3.serve(3, mode)
     seen_before = fake_t3.requests
     texts = [t for t, w in queries["bitext"] if w == 3]
     out = []
@@ -326,7 +265,7 @@ def test_a_tier_that_times_out_or_errors_is_routed_around(proxy, fake_t3, querie
 @pytest.mark.proxy
 def test_provider_errors_never_put_prompts_in_the_decision_log(proxy, fake_t3, queries):
     """T3 answers 500 quoting the prompt (as some providers do) while escalations reach it."""
-    fake_t3.serve("error")
+    fake_t3.serve(3, "error")
     time.sleep(COOLDOWN + 1)  # T3 healthy again as far as LiteLLM knows
     # uncertain intent queries (out-of-scope for clinc150) escalate from T1 into the failing T3
     texts = [f"{SENTINEL} what is happening in politics", f"{SENTINEL} rent a tuxedo for me",
