@@ -26,10 +26,12 @@ object, so it is tested with fake steps; :class:`Pipeline` is the real one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import shutil
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,8 +40,29 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coopt.versions import (activate, derive_proxy_config, is_complete, iteration_dir, serving,
-                            write_manifest)
+from calibration.calibrate import calibrate, deltas_of
+from coopt.clusters import cluster_all, cluster_report, write_clusters
+from coopt.demo_router import is_calibration_id
+from coopt.distill_classifier import distill_classifier
+from coopt.distill_lora import LoraSettings, train_lora
+from coopt.evaluate import evaluate, outcome_dicts, tier_quality
+from coopt.failures import score_failures, top_tier, write_failures
+from coopt.label import label_examples, tier_router
+from coopt.logs import (join_spend_logs, merge_sources, read_decision_log, read_requests, read_spend_logs_json,
+                        read_spend_logs_postgres, summarise, tier_names_by_model_id, write_requests)
+from coopt.relabel import prepare_local_generators, relabel_tiers
+from coopt.selection import (composition, fill_teacher_outputs, read_items, select_random, select_targeted,
+                             write_items)
+from coopt.traffic import send_through_proxy
+from coopt.train_router import train_router
+from coopt.versions import (activate, active_iteration, derive_proxy_config, is_complete, iteration_dir,
+                            write_manifest, write_serving_config)
+from litellm_routenlp.config import read_yaml
+from litellm_routenlp.router_model import RouterModel
+from litellm_routenlp.thresholds import Thresholds
+from routenlp_core.allpairs import append_allpairs, load_portfolio, read_allpairs, write_allpairs
+from routenlp_core.tasks import get_task
+from routenlp_standins.artifacts import StandinDirs
 
 EPSILON = 0.005
 DEMO_SAMPLE_PER_TASK = 250  # the labelled sample coopt.demo_router drew from each test split (seed 0)
@@ -132,8 +155,6 @@ def run_loop(run_dir: str | os.PathLike[str], steps: LoopSteps, max_iterations: 
             result.stopped_because = f"cost ratio moved {change:+.4f} (< epsilon {epsilon})"
             break
         previous = current
-    from coopt.versions import active_iteration
-
     result.active = active_iteration(run_dir)
     return result
 
@@ -195,8 +216,6 @@ class CooptSettings(BaseModel):
 
 def tier_models(config: str | os.PathLike[str]) -> dict[str, str]:
     """``T<k>`` -> the ``litellm_params.model`` of that tier's deployment in a proxy config."""
-    from litellm_routenlp.config import read_yaml
-
     out = {}
     for deployment in read_yaml(Path(config)).get("model_list") or []:
         tier = (deployment.get("model_info") or {}).get("routenlp_tier")
@@ -210,8 +229,6 @@ def query_pools(settings: CooptSettings) -> dict[str, dict[str, list[Any]]]:
     The router set is drawn from the sample the shipped demo router was labelled on (so those labels
     can be reused); evaluation and traffic come from the rest of the test split, shuffled with the seed.
     """
-    from routenlp_core.tasks import get_task
-
     pools: dict[str, dict[str, list[Any]]] = {}
     for task in settings.tasks:
         spec = get_task(task)
@@ -251,8 +268,6 @@ class Pipeline:
     """The real Algorithm-1 steps on a proxy config's tiers (see module docstring)."""
 
     def __init__(self, settings: CooptSettings, progress: bool = True, log: Callable[[str], None] = print) -> None:
-        from routenlp_core.allpairs import load_portfolio
-
         self.settings = settings
         self.progress = progress
         self.log = log
@@ -270,9 +285,6 @@ class Pipeline:
 
     def _base_records(self, name: str) -> list[Any]:
         """The ``router`` or ``eval`` set answered by every base tier (labelled once, then reused)."""
-        from routenlp_core.allpairs import append_allpairs, read_allpairs
-        from coopt.label import label_examples
-
         examples = [e for task in self.settings.tasks for e in self.pools[task][name]]
         path = self.run_dir / "data" / f"{name}_set.base.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,28 +296,18 @@ class Pipeline:
             if reused:
                 append_allpairs(reused, path)
                 self.log(f"{name} set: reusing {len(reused)} labelled queries from {seed_file}")
-        with serving(None, self.artifacts):
-            import asyncio
-
-            from coopt.relabel import prepare_local_generators
-
-            prepare_local_generators(self.settings.config)
-            asyncio.run(label_examples(self.settings.config, examples, path, concurrency=self.settings.concurrency,
-                                       max_tokens=self.settings.max_tokens, progress=self.progress))
+        # the base tiers on this run's artifacts root, named in the config the labeller builds them from
+        config = write_serving_config(self.settings.config, self.run_dir / "data" / "base_proxy_config.yaml",
+                                      StandinDirs(self.artifacts))
+        prepare_local_generators(config)
+        asyncio.run(label_examples(config, examples, path, concurrency=self.settings.concurrency,
+                                   max_tokens=self.settings.max_tokens, progress=self.progress))
         by_id = {r.id: r for r in read_allpairs(path, self.portfolio)}
         return [by_id[e.id] for e in examples]
 
     # ---------------------------------------------------------------- router, thresholds, figures
     def _fit_and_measure(self, out_dir: Path, router_records: Sequence[Any], eval_records: Sequence[Any],
                          timings: dict[str, float]) -> dict[str, Any]:
-        from calibration.calibrate import calibrate, deltas_of
-        from routenlp_core.allpairs import write_allpairs
-        from coopt.demo_router import is_calibration_id
-        from coopt.evaluate import evaluate, outcome_dicts, tier_quality
-        from coopt.train_router import train_router
-        from litellm_routenlp.router_model import RouterModel
-        from litellm_routenlp.thresholds import Thresholds
-
         labels = out_dir / "labels"
         write_allpairs(router_records, labels / "router_set.jsonl")
         write_allpairs(eval_records, labels / "eval_set.jsonl")
@@ -348,10 +350,6 @@ class Pipeline:
     # ---------------------------------------------------------------- one iteration
     def read_traffic(self, n: int, previous: Path, inputs: Path, timings: dict[str, float]) -> list[Any]:
         """Steps 1-2: fresh traffic through the proxy serving ``previous``; its log -> request records."""
-        from coopt.logs import (join_spend_logs, merge_sources, read_decision_log, read_spend_logs_json,
-                                read_spend_logs_postgres, summarise, tier_names_by_model_id, write_requests)
-        from coopt.traffic import send_through_proxy
-
         started = time.perf_counter()
         decisions, done = inputs / "decisions.jsonl", inputs / "traffic.json"
         queries = traffic_batch(self.pools, self.settings, n)
@@ -382,17 +380,11 @@ class Pipeline:
     def targeted_items(self, records: Sequence[Any], previous: Path, inputs: Path,
                        timings: dict[str, float]) -> tuple[list[Any], dict[str, Any]]:
         """Steps 3-5: failures, clusters, the targeted distillation set with teacher answers."""
-        from coopt.clusters import cluster_all, cluster_report, write_clusters
-        from coopt.failures import score_failures, write_failures
-        from coopt.selection import composition, fill_teacher_outputs, select_targeted, write_items
-        from litellm_routenlp.router_model import RouterModel
-
-        config = previous / "proxy_config.yaml"
+        config = previous / "proxy_config.yaml"  # its stand-ins serve ``previous``'s distilled tiers
         started = time.perf_counter()
-        with serving(previous, self.artifacts):
-            failures = score_failures(records, config, tasks=self.settings.tasks, max_tokens=self.settings.max_tokens,
-                                      concurrency=self.settings.concurrency, progress=self.progress,
-                                      max_per_task=self.settings.max_failures_per_task, seed=self.settings.seed)
+        failures = score_failures(records, config, tasks=self.settings.tasks, max_tokens=self.settings.max_tokens,
+                                  concurrency=self.settings.concurrency, progress=self.progress,
+                                  max_per_task=self.settings.max_failures_per_task, seed=self.settings.seed)
         write_failures(failures, inputs / "failures.jsonl")
         timings["score_failures"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
@@ -404,9 +396,8 @@ class Pipeline:
         started = time.perf_counter()
         items = select_targeted(failures, clustering, records, self.settings.hard_fraction, self.settings.random_share,
                                 seed=self.settings.seed)
-        with serving(previous, self.artifacts):
-            items = fill_teacher_outputs(items, config, max_tokens=self.settings.teacher_max_tokens,
-                                         concurrency=self.settings.concurrency, progress=self.progress)
+        items = fill_teacher_outputs(items, config, max_tokens=self.settings.teacher_max_tokens,
+                                     concurrency=self.settings.concurrency, progress=self.progress)
         write_items(items, inputs / "distill_items.jsonl")
         timings["select_and_teacher"] = round(time.perf_counter() - started, 1)
         summary = {"n_requests": len(records), "n_escalated": sum(r.escalated for r in records),
@@ -419,8 +410,6 @@ class Pipeline:
 
     def teachers(self, config: Path) -> dict[str, str]:
         """Per task, the tier whose answers are the distillation targets and the model behind it."""
-        from coopt.failures import top_tier
-
         models = tier_models(config)
         out = {}
         for task in self.settings.tasks:
@@ -431,10 +420,6 @@ class Pipeline:
     def students(self, task: str) -> list[tuple[str, str]]:
         """(tier name, method) of the tiers below the teacher that serve ``task`` and that the portfolio
         declares distillable (``tiers[].distill``); ``label`` only for tasks with a label set."""
-        from coopt.failures import top_tier
-        from coopt.label import tier_router
-        from routenlp_core.tasks import get_task
-
         _, names, served = tier_router(self.settings.config)
         teacher = top_tier(self.settings.config, task)
         declared = {tier.name: tier.distill for tier in self.portfolio.tiers}
@@ -456,10 +441,6 @@ class Pipeline:
         Classifier heads are refitted on every item distilled so far (iterations 1..n); the LoRA adapter
         continues from ``previous``'s with this iteration's items.  Returns the changed tiers and a report.
         """
-        from coopt.distill_classifier import distill_classifier
-        from coopt.distill_lora import LoraSettings, train_lora
-        from coopt.selection import read_items
-
         started = time.perf_counter()
         for sub in ("tiers", "lora"):  # carry forward, then overwrite what is distilled now
             if (previous / sub).is_dir():
@@ -502,18 +483,13 @@ class Pipeline:
 
     def rebuild(self, previous: Path, out_dir: Path, changed: set[str], timings: dict[str, float]) -> dict[str, Any]:
         """Step 7: relabel the changed tiers on both sets, retrain, recalibrate, replay."""
-        from routenlp_core.allpairs import read_allpairs
-        from coopt.relabel import relabel_tiers
-
         started = time.perf_counter()
         router_records = read_allpairs(previous / "labels" / "router_set.jsonl", self.portfolio)
         eval_records = read_allpairs(previous / "labels" / "eval_set.jsonl", self.portfolio)
-        config = out_dir / "proxy_config.yaml"
-        derive_proxy_config(self.settings.config, out_dir, self.artifacts)
-        with serving(out_dir, self.artifacts):
-            both = relabel_tiers(list(router_records) + list(eval_records), config, sorted(changed),
-                                 work_dir=out_dir / "labels" / "work", concurrency=self.settings.concurrency,
-                                 max_tokens=self.settings.max_tokens, progress=self.progress)
+        config = derive_proxy_config(self.settings.config, out_dir, self.artifacts)  # serves out_dir's students
+        both = relabel_tiers(list(router_records) + list(eval_records), config, sorted(changed),
+                             work_dir=out_dir / "labels" / "work", concurrency=self.settings.concurrency,
+                             max_tokens=self.settings.max_tokens, progress=self.progress)
         router_records, eval_records = both[:len(router_records)], both[len(router_records):]
         shutil.rmtree(out_dir / "labels" / "work", ignore_errors=True)
         timings["relabel"] = round(time.perf_counter() - started, 1)
@@ -556,9 +532,6 @@ class Pipeline:
         return result
 
     def _random_arm(self, start: Path, targeted: Path, arm: Path, seed: int, tasks: Optional[Sequence[str]]) -> None:
-        from coopt.logs import read_requests
-        from coopt.selection import composition, fill_teacher_outputs, read_items, select_random, write_items
-
         _fresh(arm)
         timings: dict[str, float] = {}
         inputs = arm / "inputs"
@@ -569,9 +542,8 @@ class Pipeline:
         records = read_requests(targeted / "inputs" / "requests.jsonl")
         started = time.perf_counter()
         items = select_random(records, counts, seed=seed)
-        with serving(start, self.artifacts):
-            items = fill_teacher_outputs(items, start / "proxy_config.yaml", max_tokens=self.settings.teacher_max_tokens,
-                                         concurrency=self.settings.concurrency, progress=self.progress)
+        items = fill_teacher_outputs(items, start / "proxy_config.yaml", max_tokens=self.settings.teacher_max_tokens,
+                                     concurrency=self.settings.concurrency, progress=self.progress)
         write_items(items, inputs / "distill_items.jsonl")
         timings["select_and_teacher"] = round(time.perf_counter() - started, 1)
         changed, distilled = self.distill(items, start, arm, None, timings)
@@ -586,8 +558,6 @@ def comparison(start: dict[str, Any], targeted: dict[str, Any], random_arms: Seq
 
     With several random arms the random reduction is their mean (each arm is listed too).
     """
-    import statistics
-
     def arm(metrics: dict[str, Any]) -> dict[str, Any]:
         return {key: metrics.get(key) for key in ("cost_ratio", "quality", "acceptance", "cheap_share", "top_share",
                                                   "escalation_rate", "tier_acceptance_eval", "distill_items", "seed")}

@@ -50,7 +50,7 @@ def relabel_tiers(records: Sequence[AllPairsRecord], config_path: str | os.PathL
                   progress: bool = True, threads: Optional[int] = 1) -> list[AllPairsRecord]:
     """Copies of ``records`` whose ``tiers`` results come from asking those tiers now.
 
-    Call it inside :func:`coopt.versions.serving` so the local tiers serve the iteration's students.
+    Give it a config whose stand-ins serve the iteration's students (:func:`coopt.versions.derive_proxy_config`).
     ``work_dir`` keeps the labeller's output (resumable); a temporary directory otherwise.
     """
     from coopt.label import label_examples
@@ -93,8 +93,8 @@ def load_local_generators(config: str | os.PathLike[str], tiers: Optional[Sequen
         name = f"T{(deployment.get('model_info') or {}).get('routenlp_tier')}"
         if model.endswith("/smollm2") and (tiers is None or name in tiers):
             from routenlp_standins import tiers as registry
-            from routenlp_standins.artifacts import artifacts_root
+            from routenlp_standins.artifacts import StandinDirs
 
-            registry.smollm2(artifacts_root()).load()
+            registry.smollm2(StandinDirs.from_model_info(deployment.get("model_info"))).load()  # what it serves
             return True
     return False

@@ -19,21 +19,30 @@ iteration's serving files into ``active/`` (build in a temp dir, verify every ha
 manifest, swap), :func:`rollback` re-installs the previous entry of the history.  A proxy serving the
 run is started with ``litellm --config artifacts/coopt/<run>/active/proxy_config.yaml`` and picks up a
 rollback at its next start.
+
+Which directories the local stand-in tiers serve is written into each generated config, in the
+``model_info`` of every ``routenlp-local`` deployment (:class:`routenlp_standins.artifacts.StandinDirs`);
+in-process callers (labelling, failure scoring, teacher answers) build their tiers from such a config
+too, so nothing is handed over through environment variables.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-
-from routenlp_core.hashing import sha256_file
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import yaml
+
+from litellm_routenlp.config import read_yaml, settings_from_mapping
+from routenlp_core.hashing import sha256_file
+from routenlp_standins.artifacts import StandinDirs, is_standin
 
 PREFIX = "iter-"
 MANIFEST = "manifest.json"
@@ -107,30 +116,74 @@ def verify(directory: Path, only: Optional[tuple[str, ...]] = None) -> list[str]
     return problems
 
 
+def point_standins(document: Mapping[str, Any], dirs: StandinDirs) -> dict[str, Any]:
+    """A copy of a proxy-config document whose stand-in deployments serve ``dirs`` (their ``model_info``
+    names the directories, absolute); every other deployment and setting is unchanged."""
+    out = copy.deepcopy(dict(document))
+    for deployment in out.get("model_list") or []:
+        if isinstance(deployment, dict) and is_standin(deployment):
+            info = {key: value for key, value in (deployment.get("model_info") or {}).items()
+                    if key not in ("routenlp_artifacts_dir", "routenlp_coopt_dir")}
+            deployment["model_info"] = {**info, **dirs.as_model_info()}
+    return out
+
+
+def write_serving_config(base_config: str | os.PathLike[str], out_path: Path, dirs: StandinDirs) -> Path:
+    """Write ``out_path``: ``base_config`` with its stand-in tiers serving ``dirs`` (for in-process callers
+    that build their tiers from a config: ``coopt label``, failure scoring, teacher answers)."""
+    base = Path(base_config).resolve()
+    document = point_standins(read_yaml(base), dirs)
+    if "routenlp_settings" in document:  # the copy lives elsewhere: its paths must not move
+        document["routenlp_settings"] = _absolute_paths(document["routenlp_settings"], base)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(f"# Generated from {base}: its stand-in tiers serve {dirs.as_model_info()}\n"
+                        + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return out_path
+
+
+SETTINGS_PATHS = ("router_artifact", "encoder_dir", "thresholds_path", "decision_log_path", "verdicts_path")
+
+
+def _absolute_paths(settings: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``routenlp_settings`` of the config ``base`` with every path (given or default, relative to
+    ``base``'s folder) written out absolute, so a copy of it elsewhere still names the same files."""
+    resolved = settings_from_mapping(settings, str(base), base.parent)
+    out = dict(settings)
+    for key in SETTINGS_PATHS:
+        value = getattr(resolved, key)
+        if value is not None:
+            out[key] = str(value)
+    if resolved.adaptation is not None:
+        out["adaptation"] = {**dict(settings["adaptation"]), "log_path": str(resolved.adaptation.log_path)}
+    return out
+
+
+@contextlib.contextmanager
+def serving_config(base_config: str | os.PathLike[str], artifacts_root: str | os.PathLike[str],
+                   coopt_dir: Optional[str | os.PathLike[str]] = None) -> Iterator[Path]:
+    """A temporary copy of ``base_config`` whose stand-ins serve ``artifacts_root`` and, if given,
+    ``coopt_dir``'s distilled tiers (what ``routenlp coopt failures|select --serve DIR`` ask for)."""
+    dirs = StandinDirs(Path(artifacts_root), Path(coopt_dir) if coopt_dir is not None else None)
+    with tempfile.TemporaryDirectory(prefix="routenlp-serving-") as scratch:
+        yield write_serving_config(base_config, Path(scratch) / CONFIG_NAME, dirs)
+
+
 def derive_proxy_config(base_config: str | os.PathLike[str], out_dir: Path, artifacts_root: str | os.PathLike[str],
-                        coopt_dir: Optional[Path] = None,
-                        decision_log_path: Optional[str | os.PathLike[str]] = None) -> Path:
+                        coopt_dir: Optional[Path] = None) -> Path:
     """Write ``out_dir/proxy_config.yaml``: the base config serving this directory's router, thresholds and tiers.
 
     ``router_artifact``/``thresholds_path`` become relative to ``out_dir`` (they live there); the stand-in
-    tiers get ``ROUTENLP_ARTIFACTS_DIR`` (the base artifacts) and ``ROUTENLP_COOPT_DIR`` (``coopt_dir``,
-    default ``out_dir``) through the config's ``environment_variables``, as absolute paths.  The
-    decision log keeps the base config's file unless ``decision_log_path`` is given.
+    deployments' ``model_info`` names ``artifacts_root`` (the base artifacts) and ``coopt_dir`` (default
+    ``out_dir``: its distilled tiers), as absolute paths.  Every other path (decision and verdict logs,
+    encoder) names the base config's file, absolute: a proxy never writes into an iteration.
     """
-    from litellm_routenlp.config import read_yaml
-
     base = Path(base_config).resolve()
-    document = read_yaml(base)
-    settings = dict(document.get("routenlp_settings") or {})
+    document = point_standins(read_yaml(base), StandinDirs(Path(artifacts_root), coopt_dir or out_dir))
+    # logs and the encoder stay where the base config puts them (never inside the immutable iteration)
+    settings = _absolute_paths(document.get("routenlp_settings") or {}, base)
     settings["router_artifact"] = "router"
     settings["thresholds_path"] = "thresholds.json"
-    log = decision_log_path or settings.get("decision_log_path") or "logs/routenlp_decisions.jsonl"
-    settings["decision_log_path"] = str(Path(log) if Path(log).is_absolute() else (base.parent / log).resolve())
     document["routenlp_settings"] = settings
-    env = dict(document.get("environment_variables") or {})
-    env["ROUTENLP_ARTIFACTS_DIR"] = str(Path(artifacts_root).resolve())
-    env["ROUTENLP_COOPT_DIR"] = str((coopt_dir or out_dir).resolve())
-    document["environment_variables"] = env
     header = (f"# Generated by `routenlp coopt` from {base}: serves the router, thresholds and distilled tiers\n"
               f"# of this directory.  Start it with: litellm --config {out_dir.resolve() / CONFIG_NAME}\n")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,8 +227,8 @@ def _install(run_dir: Path, n: int) -> Path:
             shutil.copytree(path, staging / item)
         elif path.is_file() and item != CONFIG_NAME:
             shutil.copy2(path, staging / item)
-    config = yaml.safe_load((source / CONFIG_NAME).read_text(encoding="utf-8"))
-    config.setdefault("environment_variables", {})["ROUTENLP_COOPT_DIR"] = str((run_dir / ACTIVE_DIR).resolve())
+    config = yaml.safe_load((source / CONFIG_NAME).read_text(encoding="utf-8")) or {}
+    config = _repoint_coopt(config, (run_dir / ACTIVE_DIR).resolve())
     (staging / CONFIG_NAME).write_text(f"# Active co-optimisation iteration {n} (copied from {source.resolve()}).\n"
                                        + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     recorded = read_manifest(source)["files"]
@@ -191,6 +244,18 @@ def _install(run_dir: Path, n: int) -> Path:
     staging.replace(target)
     shutil.rmtree(previous, ignore_errors=True)
     return target
+
+
+def _repoint_coopt(document: Mapping[str, Any], active: Path) -> dict[str, Any]:
+    """The iteration's config with its stand-ins serving the distilled tiers from ``active`` (the copy a
+    proxy loads) instead of the iteration directory; the base artifacts stay those it names."""
+    out = copy.deepcopy(dict(document))
+    for index, deployment in enumerate(out.get("model_list") or []):
+        if isinstance(deployment, dict) and is_standin(deployment):
+            dirs = StandinDirs.from_model_info(deployment.get("model_info"), f"model_list[{index}].model_info")
+            deployment["model_info"] = {**(deployment.get("model_info") or {}),
+                                        **StandinDirs(dirs.artifacts, active).as_model_info()}
+    return out
 
 
 def _write_active(run_dir: Path, state: dict[str, Any]) -> None:
@@ -224,25 +289,3 @@ def rollback(run_dir: str | os.PathLike[str]) -> int:
     _write_active(run_dir, {"iteration": previous, "history": history,
                             "activated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rolled_back_from": state["iteration"]})
     return previous
-
-
-@contextlib.contextmanager
-def serving(directory: Optional[Path], artifacts_root: Optional[str | os.PathLike[str]] = None) -> Iterator[None]:
-    """In this process, let the local tiers serve ``directory``'s distilled tiers (None: the base tiers)."""
-    from routenlp_standins.artifacts import ARTIFACTS_ENV, COOPT_ENV
-
-    saved = {key: os.environ.get(key) for key in (COOPT_ENV, ARTIFACTS_ENV)}
-    try:
-        if directory is None:
-            os.environ.pop(COOPT_ENV, None)
-        else:
-            os.environ[COOPT_ENV] = str(Path(directory).resolve())
-        if artifacts_root is not None:
-            os.environ[ARTIFACTS_ENV] = str(Path(artifacts_root).resolve())
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

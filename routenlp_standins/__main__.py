@@ -11,7 +11,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+from routenlp_standins.artifacts import ARTIFACTS_ENV, default_artifacts_root
+from routenlp_standins.build import DEFAULT_TASKS, BuildSettings, build_all
 
 
 def _limit(value: str) -> Optional[int]:
@@ -21,8 +25,6 @@ def _limit(value: str) -> Optional[int]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    from routenlp_standins.artifacts import artifacts_root
-    from routenlp_standins.build import DEFAULT_TASKS, BuildSettings
 
     defaults = BuildSettings()
     parser = argparse.ArgumentParser(prog="python -m routenlp_standins", description=__doc__.splitlines()[0])
@@ -31,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warm = sub.add_parser("warmup", help="load all tiers and report timings")
     for command in (build, warm):
         command.add_argument("--artifacts", default=None,
-                             help="artifacts root (default: $ROUTENLP_ARTIFACTS_DIR or ./artifacts)")
+                             help=f"artifacts root (default: ${ARTIFACTS_ENV} or <project>/artifacts)")
         command.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     build.add_argument("--force", action="store_true", help="rebuild artifacts that already exist")
     build.add_argument("--classifier-train-limit", type=_limit, default=defaults.classifier_train_limit,
@@ -42,16 +44,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="test rows for the accuracies recorded in the JSON")
     build.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    root = artifacts_root(args.artifacts)
+    root = Path(args.artifacts) if args.artifacts else default_artifacts_root()
 
     if args.command == "build":
-        from routenlp_standins.build import build_all
-
         settings = BuildSettings(classifier_train_limit=args.classifier_train_limit,
                                  index_train_limit=args.index_train_limit, eval_limit=args.eval_limit, seed=args.seed)
         report = build_all(root, tasks=args.tasks, force=args.force, settings=settings,
                            log=lambda line: print(line, file=sys.stderr))
     else:
+        # imports litellm (seconds), after the offline switches above that it reads at import
         from routenlp_standins.handler import LocalTiers
 
         report = LocalTiers(root).warmup(tasks=args.tasks)

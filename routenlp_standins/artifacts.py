@@ -1,7 +1,6 @@
 """Where the stand-in tiers keep their built artifacts, and the one error a missing artifact raises.
 
-Layout under the artifacts root (env ``ROUTENLP_ARTIFACTS_DIR``, default ``artifacts`` relative to the
-working directory, because the proxy is started from the repository root)::
+Layout under the artifacts root::
 
     encoder/                          MiniLM ONNX encoder (written by `routenlp export-encoder`)
     tiers/classifier/<task>.safetensors|json    T1 logistic-regression head
@@ -11,23 +10,36 @@ working directory, because the proxy is started from the repository root)::
 Weights go to safetensors and metadata to JSON: nothing here is ever pickled.
 
 Co-optimisation (``routenlp coopt``) writes distilled tiers into an iteration directory with the same
-layout (``tiers/classifier/<task>.*``) plus ``lora/smollm2/`` (a PEFT adapter).  When the env variable
-``ROUTENLP_COOPT_DIR`` names such a directory, the classifier of a task it holds and the adapter it
-holds are served instead of the base artifacts; unset (the default), nothing changes.
+layout (``tiers/classifier/<task>.*``) plus ``lora/smollm2/`` (a PEFT adapter); the classifier of a
+task it holds and the adapter it holds are served instead of the base artifacts.
+
+Which directories a stand-in deployment serves is explicit configuration, :class:`StandinDirs`, read
+from the deployment's ``model_info`` (``routenlp_artifacts_dir``, ``routenlp_coopt_dir``: absolute
+paths; ``coopt.versions`` writes them into every config it generates).  ``model_info`` and not
+``litellm_params`` because LiteLLM's router overwrites ``model_info`` with the deployment's own on
+every call, while a client's request body can override any extra ``litellm_params`` key (checked on
+LiteLLM 1.106.2): a client must not be able to point a tier at another directory.  A deployment that
+names no artifacts root gets :func:`default_artifacts_root`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from routenlp_core.paths import project_root
+
+PROVIDER = "routenlp-local"  # the LiteLLM custom provider serving the stand-ins (routenlp_standins.handler)
 TIER_NAMES = ("classifier", "smollm2", "retrieval", "replay")  # T1..T4, cheapest first
-ARTIFACTS_ENV = "ROUTENLP_ARTIFACTS_DIR"
-COOPT_ENV = "ROUTENLP_COOPT_DIR"  # a co-optimisation iteration whose distilled tiers are served
+ARTIFACTS_ENV = "ROUTENLP_ARTIFACTS_DIR"  # user-facing default of the artifacts root, read only below
+ARTIFACTS_KEY = "routenlp_artifacts_dir"  # model_info keys of a stand-in deployment
+COOPT_KEY = "routenlp_coopt_dir"
 BUILD_COMMAND = "python -m routenlp_standins build"
 
 
@@ -35,11 +47,63 @@ class MissingArtifactError(FileNotFoundError):
     """A stand-in tier's artifact is absent; the message names the file and the command that builds it."""
 
 
-def artifacts_root(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """``explicit`` if given, else ``$ROUTENLP_ARTIFACTS_DIR``, else ``./artifacts``."""
-    if explicit is not None:
-        return Path(explicit)
-    return Path(os.environ.get(ARTIFACTS_ENV) or "artifacts")
+class StandinConfigError(ValueError):
+    """A stand-in deployment's ``model_info`` names its directories wrongly (the message names the field)."""
+
+
+def default_artifacts_root() -> Path:
+    """The artifacts root of a deployment (or command) that names none: ``$ROUTENLP_ARTIFACTS_DIR``, else
+    ``<project root>/artifacts``.
+
+    The one place the environment is read: a user-facing default (one setting for a container whose
+    artifacts live elsewhere), never the channel ``coopt`` uses -- that writes ``model_info``.
+    """
+    override = os.environ.get(ARTIFACTS_ENV)
+    return Path(override).expanduser() if override else project_root() / "artifacts"
+
+
+@dataclass(frozen=True)
+class StandinDirs:
+    """What one stand-in deployment serves: the base artifacts, and optionally a co-optimisation iteration
+    whose distilled tiers (classifier heads, the SmolLM2 adapter) replace the base ones."""
+
+    artifacts: Path
+    coopt: Optional[Path] = None
+
+    @classmethod
+    def default(cls) -> "StandinDirs":
+        return cls(default_artifacts_root())
+
+    @classmethod
+    def from_model_info(cls, model_info: Optional[Mapping[str, Any]], where: str = "model_info",
+                        default_artifacts: Optional[Path] = None) -> "StandinDirs":
+        """The directories a deployment's ``model_info`` names (no artifacts root: ``default_artifacts``,
+        else :func:`default_artifacts_root`); a relative path or a non-string raises
+        :class:`StandinConfigError` naming ``where.<key>`` (relative to what would be a guess: the
+        proxy's working directory and the config's folder differ)."""
+        info = model_info or {}
+
+        def path(key: str) -> Optional[Path]:
+            value = info.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, (str, os.PathLike)) or not Path(value).is_absolute():
+                raise StandinConfigError(f"{where}.{key} must be an absolute path, got {value!r}")
+            return Path(value)
+
+        return cls(path(ARTIFACTS_KEY) or default_artifacts or default_artifacts_root(), path(COOPT_KEY))
+
+    def as_model_info(self) -> dict[str, str]:
+        """The ``model_info`` entries naming these directories (absolute), for a generated proxy config."""
+        entries = {ARTIFACTS_KEY: str(Path(self.artifacts).resolve())}
+        if self.coopt is not None:
+            entries[COOPT_KEY] = str(Path(self.coopt).resolve())
+        return entries
+
+
+def is_standin(deployment: Mapping[str, Any]) -> bool:
+    """Whether a proxy-config deployment is served by the stand-ins (``routenlp-local/<tier>``)."""
+    return str((deployment.get("litellm_params") or {}).get("model", "")).startswith(PROVIDER + "/")
 
 
 def build_hint(root: Path) -> str:
@@ -72,8 +136,6 @@ def require_file(path: Path, what: str, root: Path) -> Path:
 
 def write_tensors_and_meta(weights_path: Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
     """Write the pair atomically-enough: JSON last, so a present JSON means the weights are complete."""
-    from safetensors.numpy import save_file
-
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = weights_path.with_suffix(".json")
     meta_path.unlink(missing_ok=True)
@@ -86,8 +148,6 @@ def write_tensors_and_meta(weights_path: Path, tensors: Mapping[str, np.ndarray]
 
 def read_tensors_and_meta(root: Path, tier: str, task: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load a tier's safetensors + JSON for ``task``; missing files raise :class:`MissingArtifactError`."""
-    from safetensors.numpy import load_file
-
     weights_path, meta_path = tier_files(root, tier, task)
     what = f"{tier} tier for task {task!r}"
     require_file(meta_path, what, root)
@@ -107,24 +167,16 @@ def smollm2_exists(root: Path) -> bool:
     return all((directory / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def coopt_dir() -> Path | None:
-    """The co-optimisation iteration named by ``$ROUTENLP_COOPT_DIR``, or None (read at use time)."""
-    value = os.environ.get(COOPT_ENV)
-    return Path(value) if value else None
+def classifier_root(dirs: StandinDirs, task: str) -> Path:
+    """Where the classifier of ``task`` is loaded from: the co-opt iteration when it holds one, else the base."""
+    if dirs.coopt is not None and tier_artifact_exists(dirs.coopt, "classifier", task):
+        return dirs.coopt
+    return dirs.artifacts
 
 
-def classifier_root(root: Path, task: str) -> Path:
-    """Where the classifier of ``task`` is loaded from: the co-opt iteration when it holds one, else ``root``."""
-    override = coopt_dir()
-    if override is not None and tier_artifact_exists(override, "classifier", task):
-        return override
-    return root
-
-
-def smollm2_adapter_dir() -> Path | None:
+def smollm2_adapter_dir(dirs: StandinDirs) -> Path | None:
     """The PEFT adapter for the SmolLM2 tier in the co-opt iteration, or None."""
-    override = coopt_dir()
-    if override is None:
+    if dirs.coopt is None:
         return None
-    adapter = override / "lora" / "smollm2"
+    adapter = dirs.coopt / "lora" / "smollm2"
     return adapter if (adapter / "adapter_config.json").is_file() else None

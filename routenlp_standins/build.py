@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from routenlp_core.tasks import get_task
+from routenlp_standins.answer import UnsupportedTaskError
 from routenlp_standins.artifacts import smollm2_dir, smollm2_exists, tier_artifact_exists
+from routenlp_standins.classifier import build_classifier, check_classifiable
+from routenlp_standins.minilm import MiniLM
+from routenlp_standins.retrieval import build_retrieval, vote_groups
+from routenlp_standins.smollm import export_smollm2
 
 DEFAULT_TASKS = ("banking77", "clinc150", "bitext")
 ENCODE_BATCH = 256
@@ -37,8 +44,6 @@ class BuildSettings:
 
 
 def _encode(minilm: Any, texts: Sequence[str], desc: str, progress: bool) -> np.ndarray:
-    from tqdm import tqdm
-
     parts = []
     for start in tqdm(range(0, len(texts), ENCODE_BATCH), desc=desc, leave=False, disable=not progress,
                       unit="batch"):
@@ -47,10 +52,6 @@ def _encode(minilm: Any, texts: Sequence[str], desc: str, progress: bool) -> np.
 
 
 def _applicable(tier: str, task: str) -> bool:
-    from routenlp_standins.answer import UnsupportedTaskError
-    from routenlp_standins.classifier import check_classifiable
-    from routenlp_standins.retrieval import vote_groups
-
     try:
         if tier == "classifier":
             check_classifiable(task)
@@ -64,11 +65,6 @@ def _applicable(tier: str, task: str) -> bool:
 def _build_task(root: Path, task: str, tiers: Sequence[str], settings: BuildSettings, minilm: Any,
                 progress: bool) -> dict[str, Any]:
     """Encode the rows ``task`` needs once, then build the requested tiers from the embeddings."""
-    from routenlp_core.tasks import get_task
-
-    from routenlp_standins.classifier import build_classifier
-    from routenlp_standins.retrieval import build_retrieval
-
     spec = get_task(task)
     started = time.perf_counter()
     wanted: dict[str, list[Any]] = {}
@@ -107,8 +103,6 @@ def build_all(artifacts_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, f
     Tasks a tier cannot serve are skipped (bitext has no classifier).  The MiniLM encoder must
     already be exported to ``<artifacts_dir>/encoder``.
     """
-    from tqdm import tqdm
-
     root = Path(artifacts_dir)
     started = time.perf_counter()
     report: dict[str, Any] = {"artifacts_dir": str(root), "built": {}, "skipped": []}
@@ -129,8 +123,6 @@ def build_all(artifacts_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, f
         log(f"already built, skipping (use --force to rebuild): {', '.join(report['skipped'])}")
     minilm = None
     if per_task:
-        from routenlp_standins.minilm import MiniLM
-
         minilm = MiniLM(root, threads=settings.encoder_threads)
     with tqdm(steps, desc="routenlp stand-ins", unit="step", disable=not progress) as bar:
         for kind, task in bar:
@@ -139,8 +131,6 @@ def build_all(artifacts_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, f
                 report["built"][task] = _build_task(root, task, per_task[task], settings, minilm, progress)
             else:
                 bar.set_postfix_str("smollm2: GGUF -> safetensors")
-                from routenlp_standins.smollm import export_smollm2
-
                 report["built"]["smollm2"] = export_smollm2(smollm2_dir(root))
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from routenlp_core.tasks import get_task
 from routenlp_standins.answer import TierAnswer, TokenLogprob, UnsupportedTaskError
 from routenlp_standins.artifacts import read_tensors_and_meta, tier_files, write_tensors_and_meta
 
@@ -34,8 +35,6 @@ DEFAULT_C = 10.0
 
 def check_classifiable(task_name: str) -> list[str]:
     """The task's labels if the classifier can serve it, else :class:`UnsupportedTaskError`."""
-    from routenlp_core.tasks import get_task
-
     spec = get_task(task_name)
     labels = spec.labels()
     if labels is None or spec.metric != "accuracy":
@@ -55,7 +54,7 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
 def fit_head(embeddings: np.ndarray, labels: Sequence[str], c: float = DEFAULT_C,
              seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Multinomial logistic regression -> ``(coef (K,d) float32, intercept (K,) float32, classes)``."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # build only: serving never imports scikit-learn
 
     model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
     model.fit(embeddings, list(labels))

@@ -10,7 +10,10 @@ Proxy config::
         litellm_params: {model: routenlp-local/classifier, input_cost_per_token: ..., output_cost_per_token: ...}
 
 ``routenlp-local/<tier>`` selects ``classifier`` (T1), ``smollm2`` (T2), ``retrieval`` (T3) or
-``replay`` (T4); each module's docstring says what the tier stands in for.  Every answer carries
+``replay`` (T4); each module's docstring says what the tier stands in for.  A deployment's
+``model_info`` may name the directories it serves (``routenlp_artifacts_dir``, ``routenlp_coopt_dir``:
+see :class:`~routenlp_standins.artifacts.StandinDirs`); the handler reads them per call from the
+``model_info`` LiteLLM's router attaches, which a client cannot override.  Every answer carries
 OpenAI-format per-token logprobs (always, because the cascade needs them; the RouteNLP plugin strips
 them for clients that did not ask) and ``usage`` counted with the tier's own tokenizer, so LiteLLM
 prices the call with the deployment's ``input/output_cost_per_token``.
@@ -26,6 +29,8 @@ command.  All model work runs in worker threads (SmolLM2 in its own one-thread p
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from concurrent.futures import Executor
@@ -36,14 +41,16 @@ from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import (ChatCompletionTokenLogprob, ChoiceLogprobs, Delta, ModelResponse,
                                  ModelResponseStream, StreamingChoices, Usage)
 
+from litellm_routenlp.config import SettingsError, find_config_path, read_yaml
+from routenlp_core.tasks import UnknownTaskError, get_task
 from routenlp_standins import tiers as tier_registry
 from routenlp_standins.answer import TierAnswer, TokenLogprob, UnsupportedTaskError
-from routenlp_standins.artifacts import TIER_NAMES, MissingArtifactError, artifacts_root
+from routenlp_standins.artifacts import (PROVIDER, TIER_NAMES, MissingArtifactError, StandinConfigError, StandinDirs,
+                                         is_standin)
 from routenlp_standins.minilm import MiniLM, shared_minilm
 from routenlp_standins.smollm import (GeneratedToken, PromptTooLongError, SmolLM2Tier, clamp_max_tokens,
                                       message_text)
 
-PROVIDER = "routenlp-local"
 TASK_TIERS = ("classifier", "retrieval", "replay")  # tiers that cannot answer without knowing the task
 
 
@@ -133,41 +140,51 @@ class LocalTiers(CustomLLM):
 
     def __init__(self, artifacts_dir: Optional[str | Path] = None) -> None:
         super().__init__()
-        self._artifacts_dir = artifacts_dir
+        self._artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else None
 
     # -- set-up ------------------------------------------------------------------------------------
 
     @property
-    def root(self) -> Path:
-        """Artifacts root, resolved at use time so ``ROUTENLP_ARTIFACTS_DIR`` set after import counts."""
-        return artifacts_root(self._artifacts_dir)
+    def default_dirs(self) -> StandinDirs:
+        """What a deployment naming no directories serves: this handler's root, else the default root."""
+        return StandinDirs(self._artifacts_dir) if self._artifacts_dir is not None else StandinDirs.default()
 
-    def minilm(self) -> MiniLM:
-        return shared_minilm(self.root)
+    def dirs_of(self, litellm_params: Optional[Mapping[str, Any]]) -> StandinDirs:
+        """The directories the called deployment names in its ``model_info`` (500 when misconfigured)."""
+        info = (litellm_params or {}).get("model_info")
+        try:
+            return StandinDirs.from_model_info(info if isinstance(info, Mapping) else None,
+                                               default_artifacts=self._artifacts_dir)
+        except StandinConfigError as error:
+            raise CustomLLMError(status_code=500, message=f"{PROVIDER}: deployment {error}") from error
 
-    def smollm(self) -> SmolLM2Tier:
-        return tier_registry.smollm2(self.root)
+    def minilm(self, dirs: Optional[StandinDirs] = None) -> MiniLM:
+        return shared_minilm((dirs or self.default_dirs).artifacts)
+
+    def smollm(self, dirs: Optional[StandinDirs] = None) -> SmolLM2Tier:
+        return tier_registry.smollm2(dirs or self.default_dirs)
 
     def warmup(self, tasks: Sequence[str] = ("banking77", "clinc150", "bitext"),
-               tiers: Sequence[str] = TIER_NAMES) -> dict[str, Any]:
+               tiers: Sequence[str] = TIER_NAMES, dirs: Optional[StandinDirs] = None) -> dict[str, Any]:
         """Load what the proxy will serve so the first requests do not pay for it; returns timings.
 
         Tasks a tier cannot serve (e.g. bitext on the classifier) are skipped; missing artifacts raise.
         """
+        dirs = dirs or self.default_dirs
         report: dict[str, Any] = {}
         if any(tier in TASK_TIERS for tier in tiers):
             started = time.perf_counter()
-            self.minilm().encode(["warm-up"])
+            self.minilm(dirs).encode(["warm-up"])
             report["minilm_seconds"] = round(time.perf_counter() - started, 2)
         if "smollm2" in tiers:
-            report["smollm2"] = self.smollm().warmup(tasks)
+            report["smollm2"] = self.smollm(dirs).warmup(tasks)
         for tier in TASK_TIERS:
             if tier not in tiers:
                 continue
             for task in tasks:
                 started = time.perf_counter()
                 try:
-                    self._task_tier(tier, task)
+                    self._task_tier(tier, task, dirs)
                 except CustomLLMError as error:
                     if error.status_code == 400:
                         continue
@@ -175,10 +192,10 @@ class LocalTiers(CustomLLM):
                 report[f"{tier}/{task}_seconds"] = round(time.perf_counter() - started, 2)
         return report
 
-    def _task_tier(self, tier: str, task: str) -> Any:
+    def _task_tier(self, tier: str, task: str, dirs: Optional[StandinDirs] = None) -> Any:
         """The loaded ``tier`` object for ``task``; unsupported -> 400, missing artifact -> 500."""
         try:
-            return tier_registry.task_tier(self.root, tier, task)
+            return tier_registry.task_tier(dirs or self.default_dirs, tier, task)
         except UnsupportedTaskError as error:
             raise CustomLLMError(status_code=400, message=f"{PROVIDER}/{tier}: {error}") from error
         except MissingArtifactError as error:
@@ -199,8 +216,6 @@ class LocalTiers(CustomLLM):
         """The request's task; only the classifier refuses a missing or unknown one (it cannot generate).
 
         Other tiers treat an unknown task like no task: see :meth:`_serving_tier`."""
-        from routenlp_core.tasks import UnknownTaskError, get_task
-
         task = request_task(litellm_params)
         if task is None:
             if tier == "classifier":
@@ -216,7 +231,7 @@ class LocalTiers(CustomLLM):
             return None
         return task
 
-    def _serving_tier(self, tier: str, task: Optional[str]) -> str:
+    def _serving_tier(self, tier: str, task: Optional[str], dirs: StandinDirs) -> str:
         """Which stand-in actually answers.
 
         The T3/T4 stand-ins can only answer tasks whose data they hold (retrieval index, recorded
@@ -228,7 +243,7 @@ class LocalTiers(CustomLLM):
         if task is None:
             return "smollm2"
         try:
-            self._task_tier(tier, task)
+            self._task_tier(tier, task, dirs)
         except CustomLLMError as error:
             if error.status_code == 400:
                 return "smollm2"
@@ -242,12 +257,12 @@ class LocalTiers(CustomLLM):
         return int(value) if value is not None else None
 
     def _answer(self, tier: str, task: Optional[str], messages: Sequence[Mapping[str, Any]],
-                max_tokens: Optional[int]) -> TierAnswer:
+                max_tokens: Optional[int], dirs: StandinDirs) -> TierAnswer:
         """Blocking: the whole answer of ``tier`` (runs in a worker thread for async calls)."""
-        tier = self._serving_tier(tier, task)
+        tier = self._serving_tier(tier, task, dirs)
         if tier == "smollm2":
             try:
-                return self.smollm().answer([dict(m) for m in messages], task, max_tokens)
+                return self.smollm(dirs).answer([dict(m) for m in messages], task, max_tokens)
             except MissingArtifactError as error:
                 raise CustomLLMError(status_code=500, message=f"{PROVIDER}/{tier}: {error}") from error
             except PromptTooLongError as error:
@@ -255,7 +270,7 @@ class LocalTiers(CustomLLM):
         assert task is not None  # _checked_task guarantees it for these tiers
         query = last_user_text(messages)
         try:
-            answer = self._task_tier(tier, task).answer(query, self.minilm())
+            answer = self._task_tier(tier, task, dirs).answer(query, self.minilm(dirs))
         except MissingArtifactError as error:
             raise CustomLLMError(status_code=500, message=f"{PROVIDER}/{tier}: {error}") from error
         except UnsupportedTaskError as error:  # a replay miss on a task retrieval cannot serve
@@ -290,7 +305,7 @@ class LocalTiers(CustomLLM):
                    ) -> ModelResponse:
         tier = self._tier_of(model)
         task = self._checked_task(tier, litellm_params)
-        answer = self._answer(tier, task, messages, self._max_tokens(optional_params))
+        answer = self._answer(tier, task, messages, self._max_tokens(optional_params), self.dirs_of(litellm_params))
         return self._fill(model_response, tier, answer)
 
     async def acompletion(self, model: str, messages: list, api_base: str, custom_prompt_dict: dict,
@@ -302,18 +317,18 @@ class LocalTiers(CustomLLM):
         task = self._checked_task(tier, litellm_params)
         loop = asyncio.get_running_loop()
         answer = await loop.run_in_executor(tier_registry.executor(tier), self._answer, tier, task, messages,
-                                            self._max_tokens(optional_params))
+                                            self._max_tokens(optional_params), self.dirs_of(litellm_params))
         return self._fill(model_response, tier, answer)
 
     # -- streaming ---------------------------------------------------------------------------------
 
     def _stream_items(self, tier: str, task: Optional[str], messages: Sequence[Mapping[str, Any]],
-                      max_tokens: Optional[int], cancelled: threading.Event) -> Iterator[Any]:
+                      max_tokens: Optional[int], cancelled: threading.Event, dirs: StandinDirs) -> Iterator[Any]:
         """Blocking generator: ``("prompt", n)``, then ``GeneratedToken``s (live for SmolLM2; the pieces
         of the finished answer for the other tiers), ending with a terminal item."""
-        tier = self._serving_tier(tier, task)
+        tier = self._serving_tier(tier, task, dirs)
         if tier == "smollm2":
-            smollm = self.smollm()
+            smollm = self.smollm(dirs)
             try:
                 prompt, prefix_len = smollm.encode_prompt([dict(m) for m in messages], task)
                 smollm.check_fits(len(prompt), clamp_max_tokens(max_tokens))
@@ -324,7 +339,7 @@ class LocalTiers(CustomLLM):
             yield ("prompt", len(prompt), None)
             yield from smollm.stream_tokens(prompt, clamp_max_tokens(max_tokens), cancelled, prefix_len)
             return
-        answer = self._answer(tier, task, messages, max_tokens)
+        answer = self._answer(tier, task, messages, max_tokens, dirs)
         yield ("prompt", answer.prompt_tokens, answer.system_fingerprint)
         for token in answer.tokens:
             yield GeneratedToken(0, token, token.token)
@@ -337,10 +352,11 @@ class LocalTiers(CustomLLM):
                   ) -> Iterator[ModelResponseStream]:  # type: ignore[override]
         tier = self._tier_of(model)
         task = self._checked_task(tier, litellm_params)
+        dirs = self.dirs_of(litellm_params)
         cancelled = threading.Event()
         try:
             formatter = _ChunkFormatter(tier)
-            for item in self._stream_items(tier, task, messages, self._max_tokens(optional_params), cancelled):
+            for item in self._stream_items(tier, task, messages, self._max_tokens(optional_params), cancelled, dirs):
                 yield from formatter.feed(item)
         finally:
             cancelled.set()
@@ -353,9 +369,10 @@ class LocalTiers(CustomLLM):
                          ) -> AsyncIterator[ModelResponseStream]:  # type: ignore[override]
         tier = self._tier_of(model)
         task = self._checked_task(tier, litellm_params)
+        dirs = self.dirs_of(litellm_params)
         items = _threaded(tier_registry.executor(tier),
                           lambda cancelled: self._stream_items(tier, task, messages,
-                                                              self._max_tokens(optional_params), cancelled))
+                                                              self._max_tokens(optional_params), cancelled, dirs))
         formatter = _ChunkFormatter(tier)
         async for item in items:
             for chunk in formatter.feed(item):
@@ -410,17 +427,38 @@ local_tiers = LocalTiers()
 """Module-level instance named in the proxy config (``routenlp_standins.handler.local_tiers``)."""
 
 
-def _warm_up_inside_proxy() -> None:
-    """Inside ``litellm --config``: load every tier now, so the proxy reports healthy only when the
-    first request will not pay for model loading (SmolLM2 takes seconds).  A missing artifact stops the
-    proxy with one line naming it.  ``ROUTENLP_STANDINS_WARMUP=0`` turns this off."""
-    import os
-    import sys
+def configured_standins(document: Mapping[str, Any], source: str = "config") -> dict[StandinDirs, list[str]]:
+    """The stand-in tiers a proxy config deploys, grouped by the directories they serve (a bad
+    ``model_info`` raises :class:`StandinConfigError` naming ``source`` and the deployment)."""
+    out: dict[StandinDirs, list[str]] = {}
+    for index, deployment in enumerate(document.get("model_list") or []):
+        if not isinstance(deployment, Mapping) or not is_standin(deployment):
+            continue
+        dirs = StandinDirs.from_model_info(deployment.get("model_info"), f"{source}: model_list[{index}].model_info")
+        tier = str(deployment["litellm_params"]["model"]).split("/")[-1]
+        if tier in TIER_NAMES and tier not in out.setdefault(dirs, []):
+            out[dirs].append(tier)
+    return out
 
+
+def _warm_up_inside_proxy() -> None:
+    """Inside ``litellm --config``: load every tier the config deploys now (with the directories each
+    deployment names), so the proxy reports healthy only when the first request will not pay for model
+    loading (SmolLM2 takes seconds).  A missing artifact or a bad ``model_info`` stops the proxy with
+    one line naming it.  ``ROUTENLP_STANDINS_WARMUP=0`` turns this off."""
     if "litellm.proxy.proxy_server" not in sys.modules or os.environ.get("ROUTENLP_STANDINS_WARMUP", "1") == "0":
         return
     try:
-        local_tiers.warmup()
+        try:
+            path = find_config_path()
+            groups = configured_standins(read_yaml(path), str(path))
+        except SettingsError:  # no readable config: warm the defaults, as a config naming no directories
+            groups = {local_tiers.default_dirs: list(TIER_NAMES)}
+        for dirs, tiers in groups.items():
+            local_tiers.warmup(tiers=tiers, dirs=dirs)
+    except StandinConfigError as error:
+        sys.stderr.write(f"\nRouteNLP stand-in tiers: {error}\n\n")
+        raise SystemExit(3) from None
     except (CustomLLMError, MissingArtifactError) as error:
         sys.stderr.write(f"\nRouteNLP stand-in tiers: cannot load: {error}\n(run `make artifacts`)\n\n")
         raise SystemExit(3) from None

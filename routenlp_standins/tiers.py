@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from routenlp_standins.answer import UnsupportedTaskError
-from routenlp_standins.artifacts import classifier_root, smollm2_adapter_dir
+from routenlp_standins.artifacts import StandinDirs, classifier_root, smollm2_adapter_dir
+from routenlp_standins.classifier import ClassifierTier, check_classifiable
+from routenlp_standins.replay import ReplayTier
+from routenlp_standins.retrieval import RetrievalTier, vote_groups
 from routenlp_standins.smollm import SmolLM2Tier
 
 _lock = threading.Lock()
@@ -37,13 +40,14 @@ def _key(root: Path) -> str:
     return str(Path(root).resolve())
 
 
-def smollm2(root: Path) -> SmolLM2Tier:
-    """The process-wide SmolLM2 tier for ``root`` (the model itself loads lazily, on first use).
+def smollm2(dirs: StandinDirs) -> SmolLM2Tier:
+    """The process-wide SmolLM2 tier for ``dirs`` (the model itself loads lazily, on first use).
 
-    With a co-optimisation adapter (``ROUTENLP_COOPT_DIR``) it is a separate entry: base and adapted
-    models never share a cache slot.
+    With a co-optimisation adapter (``dirs.coopt`` holding ``lora/smollm2``) it is a separate entry:
+    base and adapted models never share a cache slot.
     """
-    adapter = smollm2_adapter_dir()
+    root = dirs.artifacts
+    adapter = smollm2_adapter_dir(dirs)
     key = (_key(root), "smollm2", "" if adapter is None else _key(adapter))
     with _lock:
         if key not in _loaded:
@@ -51,28 +55,26 @@ def smollm2(root: Path) -> SmolLM2Tier:
         return _loaded[key]
 
 
-def task_tier(root: Path, tier: str, task: str) -> Any:
+def task_tier(dirs: StandinDirs, tier: str, task: str) -> Any:
     """The loaded ``tier`` ("classifier"|"retrieval"|"replay") for ``task``.
 
     Raises :class:`UnsupportedTaskError` for a task the tier cannot serve and
     :class:`~routenlp_standins.artifacts.MissingArtifactError` when its artifact is not built.
     """
-    source = classifier_root(Path(root), task) if tier == "classifier" else Path(root)
-    key = (_key(root), tier, task) if source == Path(root) else (_key(root), tier, task, _key(source))
+    root = Path(dirs.artifacts)
+    source = classifier_root(dirs, task) if tier == "classifier" else root
+    key = (_key(root), tier, task) if source == root else (_key(root), tier, task, _key(source))
     found = _loaded.get(key)
     if found is not None:
         return found
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _load(Path(root), tier, task, source)
+            _loaded[key] = _load(dirs, tier, task, source)
         return _loaded[key]
 
 
-def _load(root: Path, tier: str, task: str, source: Path) -> Any:
-    from routenlp_standins.classifier import ClassifierTier, check_classifiable
-    from routenlp_standins.replay import ReplayTier
-    from routenlp_standins.retrieval import RetrievalTier, vote_groups
-
+def _load(dirs: StandinDirs, tier: str, task: str, source: Path) -> Any:
+    root = Path(dirs.artifacts)
     if tier == "classifier":
         check_classifiable(task)
         return ClassifierTier(source, task)  # source: a distilled head from a co-opt iteration, or root
@@ -81,5 +83,5 @@ def _load(root: Path, tier: str, task: str, source: Path) -> Any:
         return RetrievalTier(root, task)
     if tier == "replay":
         # The retrieval fallback is looked up only on the first miss (outside this lock).
-        return ReplayTier(task, retrieval=lambda: task_tier(root, "retrieval", task))
+        return ReplayTier(task, retrieval=lambda: task_tier(dirs, "retrieval", task))
     raise UnsupportedTaskError(f"unknown tier {tier!r}")

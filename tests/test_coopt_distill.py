@@ -7,23 +7,19 @@ for a few steps on a handful of real support answers (CPU, seconds).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from coopt.selection import DistillItem
-from coopt.versions import serving
-from routenlp_standins.artifacts import ARTIFACTS_ENV
+from routenlp_standins.artifacts import StandinDirs, default_artifacts_root
 from routenlp_standins.build import BuildSettings, build_all
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def artifacts() -> Path:
     """The artifacts root with the T1 banking77 head and the SmolLM2 copy (built small if missing)."""
-    root = Path(os.environ.get(ARTIFACTS_ENV) or ROOT / "artifacts").resolve()
+    root = default_artifacts_root().resolve()
     if not (root / "encoder" / "model.onnx").is_file():
         pytest.fail(f"MiniLM encoder not exported to {root / 'encoder'}: run `routenlp export-encoder` first")
     build_all(root, tasks=("banking77",), tiers=("classifier", "smollm2"), progress=False, log=lambda _: None,
@@ -57,11 +53,11 @@ def test_label_distillation_teaches_the_classifier_the_teachers_labels_and_the_t
     assert meta["build"]["distillation"]["n_hard"] == len(wrong) and meta["labels"] == base.labels
 
     query = wrong[0].text
-    with serving(tmp_path, artifacts):                     # ROUTENLP_COOPT_DIR -> the distilled head
-        served = registry.task_tier(artifacts, "classifier", "banking77")
-        assert Path(served.meta["build"]["distillation"]["base"]) == artifacts
-        assert served.classify(embed([query], artifacts, progress=False))[0][0] == wrong[0].reference
-    assert registry.task_tier(artifacts, "classifier", "banking77").meta.get("build", {}).get("distillation") is None
+    served = registry.task_tier(StandinDirs(artifacts, tmp_path), "classifier", "banking77")  # the distilled head
+    assert Path(served.meta["build"]["distillation"]["base"]) == artifacts
+    assert served.classify(embed([query], artifacts, progress=False))[0][0] == wrong[0].reference
+    base_again = registry.task_tier(StandinDirs(artifacts), "classifier", "banking77")
+    assert base_again.meta.get("build", {}).get("distillation") is None
 
 
 # -- T2: SeqKD with LoRA ----------------------------------------------------------------------------
@@ -94,17 +90,16 @@ def test_a_few_lora_steps_lower_the_distillation_loss_and_the_adapter_loads_back
     # loads back with peft: the same loss on the distillation set
     assert adapter_loss(items, artifacts / "smollm2", out, 24) == pytest.approx(report.loss_after, abs=1e-3)
 
-    # and the T2 stand-in serves it (merged at load) when the iteration is active
-    with serving(tmp_path, artifacts):
-        tier = registry.smollm2(artifacts)
-        assert Path(tier.adapter_dir).resolve() == out.resolve()
-        tier.load()
-        peft_model, tokenizer = load_student(artifacts / "smollm2", out, trainable=False)
-        ids = torch.tensor([tokenizer("I want a refund for order 123")["input_ids"]])
-        with torch.no_grad():
-            merged = tier._model(input_ids=ids).logits
-            reference = peft_model.eval()(input_ids=ids).logits
-        assert torch.allclose(merged, reference, atol=1e-3)
-        answer = tier.answer([{"role": "user", "content": rows[0].text}], "bitext", 4)
-        assert answer.completion_tokens >= 1
-    assert registry.smollm2(artifacts).adapter_dir is None            # outside it: the base model
+    # and the T2 stand-in serves it (merged at load) to a deployment whose model_info names the iteration
+    tier = registry.smollm2(StandinDirs(artifacts, tmp_path))
+    assert Path(tier.adapter_dir).resolve() == out.resolve()
+    tier.load()
+    peft_model, tokenizer = load_student(artifacts / "smollm2", out, trainable=False)
+    ids = torch.tensor([tokenizer("I want a refund for order 123")["input_ids"]])
+    with torch.no_grad():
+        merged = tier._model(input_ids=ids).logits
+        reference = peft_model.eval()(input_ids=ids).logits
+    assert torch.allclose(merged, reference, atol=1e-3)
+    answer = tier.answer([{"role": "user", "content": rows[0].text}], "bitext", 4)
+    assert answer.completion_tokens >= 1
+    assert registry.smollm2(StandinDirs(artifacts)).adapter_dir is None   # naming none: the base model

@@ -10,15 +10,21 @@ import pytest
 
 from coopt.loop import comparison, run_loop
 from coopt.versions import (VersionError, activate, active_config, active_iteration, derive_proxy_config,
-                            iteration_dir, iterations, read_manifest, rollback, serving, sha256_file)
+                            iteration_dir, iterations, read_manifest, rollback, serving_config, sha256_file,
+                            write_serving_config)
+from litellm_routenlp.config import read_yaml
+from routenlp_core.paths import project_root
+from routenlp_standins.artifacts import StandinConfigError, StandinDirs, classifier_root
+from routenlp_standins.classifier import ClassifierTier
 
 
 class FakeSteps:
     """Steps that write serving files like the real ones (a T1 head that answers one fixed label)."""
 
-    def __init__(self, cost_ratios: list[float], labels: list[str]) -> None:
+    def __init__(self, cost_ratios: list[float], labels: list[str], artifacts: Path = Path("artifacts")) -> None:
         self.cost_ratios = cost_ratios
         self.labels = labels
+        self.artifacts = artifacts
         self.built: list[int] = []
 
     def _write(self, n: int, out_dir: Path) -> dict:
@@ -28,7 +34,7 @@ class FakeSteps:
         (out_dir / "router").mkdir(parents=True)
         (out_dir / "router" / "weights.safetensors").write_bytes(np.random.default_rng(n).bytes(64))
         (out_dir / "thresholds.json").write_text(json.dumps({"thresholds": {"T1": {"banking77": {"delta": 0.1 * n}}}}))
-        (out_dir / "proxy_config.yaml").write_text("model_list: []\n")
+        derive_proxy_config(project_root() / "proxy_config.yaml", out_dir, self.artifacts)
         winner = self.labels[n % len(self.labels)]
         intercept = np.array([5.0 if label == winner else 0.0 for label in self.labels], np.float32)
         write_tensors_and_meta(out_dir / "tiers" / "classifier" / "banking77.safetensors",
@@ -74,19 +80,23 @@ def test_loop_stops_after_max_iterations_and_resumes_where_it_stopped(tmp_path: 
 
 
 def _served_label(run_dir: Path, artifacts: Path) -> str:
-    """What the local T1 tier answers when started on the active iteration (a fresh load, as after a restart)."""
-    from routenlp_standins.artifacts import classifier_root
-    from routenlp_standins.classifier import ClassifierTier
+    """What the local T1 tier answers when started on the active config (a fresh load, as after a restart):
+    the directories come from the config's stand-in deployments, as the proxy's handler reads them."""
+    from routenlp_standins.handler import configured_standins
 
-    with serving(run_dir / "active", artifacts):
-        root = classifier_root(artifacts, "banking77")
-        assert root == (run_dir / "active").resolve()
-        return ClassifierTier(root, "banking77").classify(np.zeros((1, 384), np.float32))[0][0]
+    groups = configured_standins(read_yaml(active_config(run_dir)))
+    assert list(groups.values()) == [["classifier", "smollm2", "retrieval", "replay"]]
+    (dirs,) = groups
+    assert dirs == StandinDirs(artifacts.resolve(), (run_dir / "active").resolve())
+    root = classifier_root(dirs, "banking77")
+    assert root == (run_dir / "active").resolve()
+    return ClassifierTier(root, "banking77").classify(np.zeros((1, 384), np.float32))[0][0]
 
 
 def test_rollback_restores_the_previous_iterations_artifacts(tmp_path: Path) -> None:
     run_dir, artifacts = tmp_path / "run", tmp_path / "artifacts"
-    run_loop(run_dir, FakeSteps([0.5, 0.4, 0.3], LABELS), max_iterations=2, epsilon=0.005, log=lambda _: None)
+    run_loop(run_dir, FakeSteps([0.5, 0.4, 0.3], LABELS, artifacts), max_iterations=2, epsilon=0.005,
+             log=lambda _: None)
     assert active_iteration(run_dir) == 2
     assert _served_label(run_dir, artifacts) == LABELS[2]
 
@@ -120,8 +130,35 @@ def test_derived_proxy_config_serves_the_iteration(repo_root: Path, tmp_path: Pa
     settings, document = load_settings(path)
     assert settings.router_artifact == (out / "router").resolve()
     assert settings.thresholds_path == (out / "thresholds.json").resolve()
-    assert document["environment_variables"]["ROUTENLP_COOPT_DIR"] == str(out.resolve())
+    assert not any(key.startswith("ROUTENLP_") for key in document.get("environment_variables") or {})
     assert [d["model_info"]["routenlp_tier"] for d in document["model_list"]] == [1, 2, 3, 4]
+    for deployment in document["model_list"]:                 # every stand-in names what it serves
+        assert StandinDirs.from_model_info(deployment["model_info"]) == StandinDirs(
+            (repo_root / "artifacts").resolve(), out.resolve())
+
+
+def test_a_serving_config_keeps_everything_but_the_standins_directories(repo_root: Path, tmp_path: Path) -> None:
+    from litellm_routenlp.config import load_settings
+
+    base_settings, base = load_settings(repo_root / "proxy_config.yaml")
+    path = write_serving_config(repo_root / "proxy_config.yaml", tmp_path / "elsewhere" / "c.yaml",
+                                StandinDirs(tmp_path / "artifacts"))
+    settings, document = load_settings(path)
+    assert settings == base_settings                          # relative paths still mean the same files
+    for before, after in zip(base["model_list"], document["model_list"]):
+        assert after["litellm_params"] == before["litellm_params"]
+        assert after["model_info"] == {**before["model_info"], "routenlp_artifacts_dir": str(tmp_path / "artifacts")}
+    with serving_config(repo_root / "proxy_config.yaml", tmp_path / "a", tmp_path / "iter-1") as temporary:
+        dirs = StandinDirs.from_model_info(read_yaml(temporary)["model_list"][0]["model_info"])
+        assert dirs == StandinDirs(tmp_path / "a", tmp_path / "iter-1")
+    assert not temporary.exists()
+
+
+def test_a_relative_or_non_string_directory_in_model_info_is_refused_naming_the_field() -> None:
+    with pytest.raises(StandinConfigError, match=r"model_list\[0\]\.model_info\.routenlp_coopt_dir .*absolute"):
+        StandinDirs.from_model_info({"routenlp_coopt_dir": "artifacts/coopt/demo/active"}, "model_list[0].model_info")
+    with pytest.raises(StandinConfigError, match="routenlp_artifacts_dir"):
+        StandinDirs.from_model_info({"routenlp_artifacts_dir": 3})
 
 
 def test_targeted_over_random_is_the_ratio_of_cost_reductions() -> None:

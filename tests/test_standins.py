@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from litellm_routenlp.uncertainty import token_uncertainty  # noqa: E402
-from routenlp_standins.artifacts import ARTIFACTS_ENV, MissingArtifactError  # noqa: E402
+from routenlp_standins.artifacts import (MissingArtifactError, default_artifacts_root,  # noqa: E402
+                                         write_tensors_and_meta)
 from routenlp_standins.build import BuildSettings, build_all  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,14 +33,11 @@ PRICES = {"classifier": 0.00001, "smollm2": 0.0001, "retrieval": 0.0008, "replay
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     """The artifacts root with every stand-in artifact present (missing ones built with TEST_BUILD)."""
-    root = Path(os.environ.get(ARTIFACTS_ENV) or ROOT / "artifacts").resolve()
+    root = default_artifacts_root().resolve()
     if not (root / "encoder" / "model.onnx").is_file():
         pytest.fail(f"MiniLM encoder not exported to {root / 'encoder'}: run `routenlp export-encoder` first")
     build_all(root, tasks=TASKS, settings=TEST_BUILD, progress=False, log=lambda line: None)
-    patch = pytest.MonkeyPatch()
-    patch.setenv(ARTIFACTS_ENV, str(root))
-    yield root
-    patch.undo()
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +310,46 @@ def test_router_streams_smollm2_with_logprobs_usage_and_cost(router):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert len(probe.costs) == 2 and all(cost > 0 for cost in probe.costs)
     assert probe.costs[1] == pytest.approx(probe.costs[0])  # same tokens, same price
+
+
+def test_the_deployments_model_info_names_what_it_serves_and_a_client_cannot_redirect_it(artifacts, tmp_path):
+    """A co-opt iteration holding a banking77 head that always answers `card_linking`: the deployment whose
+    model_info names it serves that head; the request body cannot point it elsewhere (LiteLLM's router
+    sets model_info from the deployment), and a relative directory is a 500 naming the field."""
+    import litellm
+
+    from routenlp_standins.handler import LocalTiers
+
+    labels = ["card_arrival", "card_linking"]
+    write_tensors_and_meta(tmp_path / "iter-1" / "tiers" / "classifier" / "banking77.safetensors",
+                           {"coef": np.zeros((2, 384), np.float32), "intercept": np.array([0.0, 9.0], np.float32)},
+                           {"tier": "classifier", "task": "banking77", "labels": labels})
+    patch = pytest.MonkeyPatch()
+    patch.setattr(litellm, "custom_provider_map", [{"provider": "routenlp-local", "custom_handler": LocalTiers()}])
+
+    def deployment(name: str, **info) -> dict:
+        return {"model_name": name, "litellm_params": {"model": "routenlp-local/classifier"},
+                "model_info": {"id": f"test-{name}", **info}}
+
+    router = litellm.Router(model_list=[
+        deployment("distilled", routenlp_artifacts_dir=str(artifacts), routenlp_coopt_dir=str(tmp_path / "iter-1")),
+        deployment("base"), deployment("bad", routenlp_coopt_dir="iter-1")])
+
+    async def ask(model: str, **extra) -> str:
+        response = await router.acompletion(model=model, messages=[{"role": "user", "content": "card still not here"}],
+                                            metadata={"task": "banking77"}, **extra)
+        return response.choices[0].message.content
+
+    try:
+        assert asyncio.run(ask("distilled")) == "card_linking"
+        assert asyncio.run(ask("base")) == "card_arrival"
+        elsewhere = {"routenlp_coopt_dir": str(tmp_path / "nowhere"), "routenlp_artifacts_dir": "/nowhere"}
+        assert asyncio.run(ask("distilled", model_info=elsewhere, **elsewhere)) == "card_linking"
+        assert asyncio.run(ask("base", model_info=elsewhere)) == "card_arrival"
+        with pytest.raises(litellm.InternalServerError, match="model_info.routenlp_coopt_dir must be an absolute"):
+            asyncio.run(ask("bad"))
+    finally:
+        patch.undo()
 
 
 def test_missing_or_unsupported_task_is_a_400_that_says_what_to_send(router):
