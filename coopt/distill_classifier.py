@@ -6,7 +6,7 @@ distillation queries labelled by the teacher, each repeated ``weight`` times (an
 weight: the logistic loss is a sum over rows, so a repeat weighs exactly like weight 2).  The encoder
 stays frozen and shared: only the head changes, and it is written in the stand-in's own format
 (safetensors + JSON, ``tiers/classifier/<task>.*``) under the iteration directory, where the local T1
-tier picks it up (``ROUTENLP_COOPT_DIR``).
+tier picks it up (a deployment whose ``model_info.routenlp_coopt_dir`` names the iteration).
 
 Teacher answers that are not a label of the task (a free-text reply from a real LLM teacher) are
 dropped and counted, never turned into a new class.

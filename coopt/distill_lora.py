@@ -11,7 +11,8 @@ vLLM loads at run time (``vllm serve <base> --enable-lora --lora-modules name=<d
 ``POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": <dir>}`` with
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); ``base_model_name_or_path`` names the hub model the
 adapter belongs to, and ``routenlp_adapter.json`` beside it records the run (data, steps, losses).
-The local T2 tier merges it at load when ``ROUTENLP_COOPT_DIR`` names the iteration holding it.
+The local T2 tier merges it at load when its deployment's ``model_info.routenlp_coopt_dir`` names the
+iteration holding it.
 
 A teacher answer longer than ``max_target_tokens`` is cut there and then gets no end-of-turn token,
 so the student is not taught to stop mid-sentence.
