@@ -163,6 +163,8 @@ def serving_config(base_config: str | os.PathLike[str], artifacts_root: str | os
                    coopt_dir: Optional[str | os.PathLike[str]] = None) -> Iterator[Path]:
     """A temporary copy of ``base_config`` whose stand-ins serve ``artifacts_root`` and, if given,
     ``coopt_dir``'s distilled tiers (what ``routenlp coopt failures|select --serve DIR`` ask for)."""
+    if coopt_dir is not None and not Path(coopt_dir).is_dir():
+        raise VersionError(f"{coopt_dir}: no such iteration directory (its distilled tiers were asked for)")
     dirs = StandinDirs(Path(artifacts_root), Path(coopt_dir) if coopt_dir is not None else None)
     with tempfile.TemporaryDirectory(prefix="routenlp-serving-") as scratch:
         yield write_serving_config(base_config, Path(scratch) / CONFIG_NAME, dirs)

@@ -148,6 +148,10 @@ def test_a_serving_config_keeps_everything_but_the_standins_directories(repo_roo
     for before, after in zip(base["model_list"], document["model_list"]):
         assert after["litellm_params"] == before["litellm_params"]
         assert after["model_info"] == {**before["model_info"], "routenlp_artifacts_dir": str(tmp_path / "artifacts")}
+    with pytest.raises(VersionError, match="iter-1: no such iteration directory"):
+        with serving_config(repo_root / "proxy_config.yaml", tmp_path / "a", tmp_path / "iter-1"):
+            pass
+    (tmp_path / "iter-1").mkdir()
     with serving_config(repo_root / "proxy_config.yaml", tmp_path / "a", tmp_path / "iter-1") as temporary:
         dirs = StandinDirs.from_model_info(read_yaml(temporary)["model_list"][0]["model_info"])
         assert dirs == StandinDirs(tmp_path / "a", tmp_path / "iter-1")
