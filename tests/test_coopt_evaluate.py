@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -73,24 +72,20 @@ def test_start_tiers_choose_among_the_tiers_serving_the_task() -> None:
     assert start_tiers(RECORDS, PORTFOLIO, Router()) == [1, 1, 1, 1, 2, 2]   # T1 does not serve `support`
 
 
-@pytest.fixture(scope="module")
-def artifacts_env(repo_root: Path):
-    from routenlp_standins.artifacts import ARTIFACTS_ENV
+@pytest.fixture
+def standins_config(repo_root: Path, tmp_path: Path) -> Path:
+    """proxy_config.yaml with its stand-ins naming the repository's artifacts, as coopt writes it."""
+    from coopt.versions import write_serving_config
+    from routenlp_standins.artifacts import StandinDirs
 
     root = repo_root / "artifacts"
     for needed in (root / "encoder" / "model.onnx", root / "tiers" / "classifier" / "banking77.json"):
         if not needed.is_file():
             pytest.fail(f"{needed} missing: run `make artifacts`")
-    saved = os.environ.get(ARTIFACTS_ENV)
-    os.environ[ARTIFACTS_ENV] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop(ARTIFACTS_ENV, None)
-    else:
-        os.environ[ARTIFACTS_ENV] = saved
+    return write_serving_config(repo_root / "proxy_config.yaml", tmp_path / "proxy_config.yaml", StandinDirs(root))
 
 
-def test_failures_are_scored_against_the_top_tiers_answer_through_litellm(repo_root: Path, artifacts_env) -> None:
+def test_failures_are_scored_against_the_top_tiers_answer_through_litellm(standins_config: Path) -> None:
     from coopt.failures import score_failures, top_tier
     from routenlp_core.tasks import get_task
 
@@ -100,7 +95,7 @@ def test_failures_are_scored_against_the_top_tiers_answer_through_litellm(repo_r
                for i, row in enumerate(rows)]
     records.append(RequestRecord(request_id="plain", task="banking77", prompt="hi", source="decision_log",
                                  calls=(TierCall(tier="T1", uncertainty=0.1),)))
-    config = repo_root / "proxy_config.yaml"
+    config = standins_config
 
     failures = score_failures(records, config, progress=False)
 
