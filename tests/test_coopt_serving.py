@@ -72,3 +72,18 @@ def test_a_proxy_on_the_generated_config_serves_the_iterations_distilled_head(tm
         assert ask("iteration-t1", routenlp_coopt_dir=str(tmp_path / "nowhere"),
                    model_info={"routenlp_coopt_dir": str(tmp_path / "nowhere")}) == "card_linking"
     assert not (out / "logs").exists()  # the proxy's logs stay where the base config puts them
+
+
+def test_a_relative_directory_in_a_standins_model_info_stops_the_proxy_naming_the_field(tmp_path: Path) -> None:
+    from conftest import write_proxy_config
+
+    def mutate(document: dict) -> None:
+        document["model_list"][2]["model_info"]["routenlp_coopt_dir"] = "artifacts/coopt/demo/active"
+
+    config = write_proxy_config(tmp_path, mutate)
+    proxy = ProxyProcess(config, log_path=tmp_path / "proxy.log", cwd=ROOT)
+    with pytest.raises(RuntimeError):
+        proxy.start(timeout=120)
+    proxy.stop()
+    assert ("model_list[2].model_info.routenlp_coopt_dir must be an absolute path, got "
+            "'artifacts/coopt/demo/active'") in (tmp_path / "proxy.log").read_text()
