@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from litellm_routenlp.router_model import RouterModel
 
 PCA_DIM = 128
 K_CANDIDATES = (5, 10, 20)
@@ -74,7 +77,7 @@ def cluster_failures(task: str, features: np.ndarray, gaps: Sequence[float], tex
 
     With fewer than 3 failures there is nothing to choose a k from: they form one cluster.
     """
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # local: scikit-learn costs ~1 s to import; only clustering needs it
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
 
@@ -128,13 +131,16 @@ def cluster_failures(task: str, features: np.ndarray, gaps: Sequence[float], tex
                         silhouettes=silhouettes, clusters=clusters, top=top)
 
 
-def cluster_all(failures: Sequence[Any], router: Any, seed: int = 0, progress: bool = True) -> dict[str, TaskClusters]:
+def cluster_all(failures: Sequence[Any], router: RouterModel, seed: int = 0,
+                progress: bool = True) -> dict[str, TaskClusters]:
     """Cluster every task's failures (``coopt.failures.Failure``) on ``router``'s penultimate features.
+
+    A :class:`RouterModel`, not any :class:`~litellm_routenlp.routers.Router`: the features are the
+    trained head's hidden layer (``RouterModel.penultimate``), which the Router protocol has no
+    notion of; co-optimisation always clusters on the encoder-head router it trained.
 
     Member indices refer to the task's failures in the order they appear in ``failures``.
     """
-    from tqdm.auto import tqdm
-
     out: dict[str, TaskClusters] = {}
     tasks = sorted({f.task for f in failures})
     for task in tqdm(tasks, desc="clustering failures", disable=not progress or not tasks):

@@ -24,7 +24,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from routenlp_core.allpairs import load_portfolio, read_allpairs, write_allpairs
+from calibration.calibrate import calibrate, calibrate_cascade_routing
 from coopt.label import iter_examples, label_examples
+from coopt.train_router import train_router
 
 DEMO_TASKS = ("banking77", "clinc150", "bitext")
 # Enough tokens for a label; a support answer is cut at 48 tokens to keep CPU labelling affordable.
@@ -38,10 +41,6 @@ def is_calibration_id(query_id: str, fraction: float = 0.4) -> bool:
 
 def build_demo_router(artifacts: str | Path, config_path: str | Path = "proxy_config.yaml",
                       per_task: int = 250, seed: int = 0, relabel: bool = True) -> None:
-    from calibration.calibrate import calibrate, calibrate_cascade_routing
-    from routenlp_core.allpairs import load_portfolio, read_allpairs, write_allpairs
-    from coopt.train_router import train_router
-
     artifacts = Path(artifacts)
     labels_dir = artifacts / "labels"
     labelled = labels_dir / "demo_allpairs.jsonl"

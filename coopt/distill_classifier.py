@@ -19,15 +19,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from routenlp_core.hashing import sha256_file
+from routenlp_core.tasks import get_task
+from routenlp_standins.artifacts import read_tensors_and_meta
+from routenlp_standins.classifier import ClassifierTier, build_classifier, predict_proba
+from routenlp_standins.minilm import MiniLM
+from coopt.train_router import EmbeddingCache
 
 DISTILL_WEIGHT = 3
 
 
 def _encoder_cache(root: Path) -> tuple[Any, Any]:
     """The serving MiniLM (int8 ONNX, as T1 embeds at run time) and an embedding cache for its graph."""
-    from coopt.train_router import EmbeddingCache, sha256_file
-    from routenlp_standins.minilm import MiniLM
-
     minilm = MiniLM(root, threads=2)
     graph_sha = sha256_file(minilm.encoder.graph_path)
     cache = EmbeddingCache(root / "cache" / f"classifier-embeddings-{graph_sha[:16]}.safetensors", graph_sha)
@@ -36,8 +41,6 @@ def _encoder_cache(root: Path) -> tuple[Any, Any]:
 
 def embed(texts: Sequence[str], base_root: Path, progress: bool = True, desc: str = "embedding") -> np.ndarray:
     """int8-ONNX MiniLM embeddings of ``texts``, through the cache (rows L2-normalised)."""
-    from tqdm.auto import tqdm
-
     minilm, cache = _encoder_cache(Path(base_root))
     texts = list(texts)
     out = []
@@ -49,9 +52,6 @@ def embed(texts: Sequence[str], base_root: Path, progress: bool = True, desc: st
 
 def base_training_rows(task: str, base_root: Path, limit: Optional[int] = None) -> tuple[list[Any], dict[str, Any]]:
     """The rows the base classifier of ``task`` was fitted on (from its JSON), and that JSON."""
-    from routenlp_core.tasks import get_task
-    from routenlp_standins.artifacts import read_tensors_and_meta
-
     _, meta = read_tensors_and_meta(Path(base_root), "classifier", task)
     build = meta.get("build") or {}
     rows = get_task(task).load("train", limit=limit if limit is not None else build.get("classifier_train_limit"),
@@ -68,9 +68,6 @@ def distill_classifier(task: str, items: Sequence[Any], base_root: str | Path, o
     iterations too when distillation accumulates).  ``base_limit`` shrinks the base rows (tests).
     Returns a report: counts, how often the old and the new head agree with the teacher on the items.
     """
-    from routenlp_core.tasks import get_task
-    from routenlp_standins.classifier import ClassifierTier, build_classifier
-
     if weight < 1:
         raise ValueError(f"weight must be a positive integer, got {weight}")
     base_root, out_root = Path(base_root), Path(out_root)
@@ -111,8 +108,6 @@ def distill_classifier(task: str, items: Sequence[Any], base_root: str | Path, o
 def _agreement(coef: np.ndarray, intercept: np.ndarray, classes: Sequence[str], vectors: np.ndarray,
                teacher: Sequence[str]) -> Optional[float]:
     """Fraction of items on which the head's top label is the teacher's."""
-    from routenlp_standins.classifier import predict_proba
-
     if not len(teacher):
         return None
     predicted = np.array(classes)[predict_proba(coef, intercept, vectors).argmax(axis=1)]

@@ -28,6 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from tqdm.auto import tqdm
+
+from routenlp_standins.smollm import task_messages
+
+# torch, peft and transformers are imported inside the functions that train: importing this module
+# (the loop does, for LoraSettings) must not cost seconds or need the train extra's heavy half.
+
 HUB_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 IGNORE = -100
@@ -69,8 +76,6 @@ class LoraReport:
 def encode_example(tokenizer: Any, task: Optional[str], prompt: str, target: str,
                    max_target_tokens: int) -> tuple[list[int], list[int]]:
     """(input ids, labels): the served prompt followed by the teacher's answer; labels only on the answer."""
-    from routenlp_standins.smollm import task_messages
-
     chat = task_messages([{"role": "user", "content": prompt}], task)
     prompt_ids = list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"])
@@ -140,7 +145,6 @@ def train_lora(items: Sequence[Any], base_model_dir: str | Path, out_dir: str | 
     continues an earlier iteration's adapter instead of starting from zero.
     """
     import torch
-    from tqdm.auto import tqdm
 
     usable = [item for item in items if item.teacher_output]
     if not usable:

@@ -21,6 +21,7 @@ ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 def export_encoder(out_dir: str | Path, model_path: str | Path | None = None, max_length: int = 256) -> Path:
     """Write model.onnx, model.int8.onnx, tokenizer.json and encoder.json into ``out_dir``."""
+    # local: torch + transformers + the quantiser cost ~2.5 s to import; train_router imports this module
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModel

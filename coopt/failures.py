@@ -16,11 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from tqdm.auto import tqdm
+
+from routenlp_core.tasks import TaskExample, get_task
+from coopt.label import _ask, tier_router  # the labeller's own call: same parameters, same pricing
 from coopt.logs import RequestRecord, escalations
+from coopt.relabel import prepare_local_generators
 
 # Enough tokens for a label; support answers are cut where the labelling of the demo cuts them.
 DEFAULT_MAX_TOKENS = 48
@@ -46,8 +52,6 @@ class Failure:
 
 def top_tier(config_path: str | os.PathLike[str], task: Optional[str] = None) -> str:
     """The most capable tier of the config that serves ``task``: the teacher."""
-    from coopt.label import tier_router
-
     _, names, served = tier_router(config_path)
     for name in reversed(names):
         if task is None or served[name] is None or task in served[name]:
@@ -57,11 +61,6 @@ def top_tier(config_path: str | os.PathLike[str], task: Optional[str] = None) ->
 
 async def _ask_all(config_path: str | os.PathLike[str], jobs: Sequence[tuple[str, str, str]], max_tokens: int,
                    concurrency: int, desc: str, progress: bool) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    from coopt.label import _ask, tier_router  # the labeller's own call: same parameters, same pricing
-    from routenlp_core.tasks import TaskExample
-
     router, _, _ = tier_router(config_path)
     semaphore = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
@@ -86,7 +85,6 @@ def ask_tiers(config_path: str | os.PathLike[str], jobs: Sequence[tuple[str, str
     error) per job, in order.  A failed call is reported in its dict, never raised."""
     if not jobs:
         return []
-    from coopt.relabel import prepare_local_generators
 
     prepare_local_generators(config_path, sorted({tier for tier, _, _ in jobs}))  # one torch thread (coopt.relabel)
     return asyncio.run(_ask_all(config_path, jobs, max_tokens, concurrency, desc, progress))
@@ -102,10 +100,6 @@ def score_failures(records: Iterable[RequestRecord], config_path: str | os.PathL
     a seeded uniform sample of each task's escalations instead of all of them (re-asking a generative
     tier costs seconds per answer on CPU).
     """
-    import random
-
-    from routenlp_core.tasks import get_task
-
     chosen = escalations(records, tasks)
     if max_per_task is not None:
         sampled = []

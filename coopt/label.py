@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from tqdm.auto import tqdm
+
+from routenlp_core.allpairs import append_allpairs, parse_record
+from routenlp_core.tasks import get_task
 from litellm_routenlp.config import read_yaml
 from litellm_routenlp.uncertainty import response_uncertainty
+
+# litellm itself is imported inside the functions that call tiers: it takes ~4 s to import, and
+# iter_examples / the record helpers here (used by demo_router and the loop) do not need it.
 
 
 def register_custom_providers(document: dict[str, Any]) -> None:
@@ -97,11 +104,6 @@ def _done_ids(out_path: Path) -> set[str]:
 async def label_examples(config_path: str | Path, examples: Sequence[Any], out_path: str | Path,
                          concurrency: int = 2, max_tokens: int = 64, progress: bool = True) -> int:
     """Label ``examples`` (routenlp_core.tasks.TaskExample) with every tier; append to ``out_path``. Returns count."""
-    from tqdm.auto import tqdm
-
-    from routenlp_core.allpairs import append_allpairs, parse_record
-    from routenlp_core.tasks import get_task
-
     router, tiers, served = tier_router(config_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,16 +142,12 @@ async def label_examples(config_path: str | Path, examples: Sequence[Any], out_p
 
 def label_task(config_path: str | Path, task: str, split: str, limit: Optional[int], out_path: str | Path,
                seed: int = 0, concurrency: int = 2, max_tokens: int = 64) -> int:
-    from routenlp_core.tasks import get_task
-
     examples = get_task(task).load(split, limit=limit, seed=seed)
     return asyncio.run(label_examples(config_path, examples, out_path, concurrency=concurrency,
                                       max_tokens=max_tokens))
 
 
 def iter_examples(tasks: Iterable[str], split: str, limit: Optional[int], seed: int = 0) -> list[Any]:
-    from routenlp_core.tasks import get_task
-
     out: list[Any] = []
     for task in tasks:
         out.extend(get_task(task).load(split, limit=limit, seed=seed))

@@ -48,6 +48,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from routenlp_core.decision_record import DecisionRecord, number_or_none
+from litellm_routenlp.config import read_yaml
+from litellm_routenlp.decision_log import read_records
+from litellm_routenlp.request_fields import query_text
 
 SPEND_LOGS_TABLE = "LiteLLM_SpendLogs"
 PARENT_KEY = "routenlp_parent_call_id"
@@ -143,8 +146,6 @@ class RequestRecord:
 def read_decision_log(path: str | os.PathLike[str]) -> list[RequestRecord]:
     """Every complete request of a RouteNLP decision log, any record version (failed requests without
     attempts are skipped, as is a request retracted by a later ``failed_after_answer`` record)."""
-    from litellm_routenlp.decision_log import read_records
-
     out: dict[str, RequestRecord] = {}
     retracted: set[str] = set()
     for record in read_records(path):
@@ -168,7 +169,7 @@ def read_spend_logs_postgres(dsn: str, since: Optional[datetime] = None, model_g
     rows of one model alias (the plugin's escalation calls use the same alias, so nothing is lost).
     Only reads; psycopg (3) is imported here, not by the proxy.
     """
-    import psycopg
+    import psycopg  # local: only the PostgreSQL source needs it (train extra); the JSON sources do not
     from psycopg import sql
     from psycopg.rows import dict_row
 
@@ -226,8 +227,6 @@ def read_spend_logs_json(source: str | os.PathLike[str] | Any) -> list[dict[str,
 
 def tier_names_by_model_id(config_path: str | os.PathLike[str]) -> dict[str, str]:
     """``model_info.id`` -> ``T<routenlp_tier>`` for the deployments of a proxy config."""
-    from litellm_routenlp.config import read_yaml
-
     out = {}
     for deployment in read_yaml(Path(config_path)).get("model_list") or []:
         info = deployment.get("model_info") or {}
@@ -453,8 +452,6 @@ def _request_body(row: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _normalise_row(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The fields the join needs, whatever the serialisation (DB row or /spend/logs JSON)."""
-    from litellm_routenlp.request_fields import query_text
-
     metadata = _json(raw.get("metadata"))
     metadata = metadata if isinstance(metadata, Mapping) else {}
     extra = _json(metadata.get("spend_logs_metadata"))

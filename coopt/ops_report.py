@@ -52,6 +52,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import numpy as np
+from tqdm import tqdm  # maintained progress bar; byte-based so it is right before the end is known
+
+from litellm_routenlp.config import read_yaml
+from litellm_routenlp.pricing import price_usage
+from coopt.logs import (_normalise_row, join_spend_logs, merge_sources, read_decision_log, read_spend_logs_json,
+                        tier_names_by_model_id)
+
 DRIFT_FACTOR = 1.1          # the paper's rule: escalation rate up more than 10% relative to baseline
 CONFIDENCE = 0.95
 PROGRESS_MIN_BYTES = 16 << 20  # show a progress bar from this log size on
@@ -139,8 +147,6 @@ def scan_decision_log(path: str | os.PathLike[str], since: Optional[datetime] = 
 
     ``progress``: None shows a tqdm bar on stderr for logs of at least :data:`PROGRESS_MIN_BYTES`.
     """
-    from tqdm import tqdm  # maintained progress bar; byte-based so it is right before the end is known
-
     path = Path(path)
     size = path.stat().st_size
     show = size >= PROGRESS_MIN_BYTES if progress is None else progress
@@ -212,7 +218,7 @@ def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> Optional[tuple[flo
     """Wilson score interval of k successes in n (scipy's binomtest; None when n == 0)."""
     if n <= 0:
         return None
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # local: scipy.stats costs ~1.2 s to import; `routenlp check` may need no interval
 
     interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(interval.low), float(interval.high)
@@ -221,8 +227,6 @@ def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> Optional[tuple[flo
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
     if not values:
         return None
-    import numpy as np
-
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
@@ -418,8 +422,6 @@ def build_report(records: Sequence[Any], scan: RawScan, *, since: Optional[datet
 
 def _priced_at_top(record: Any, tokens: Mapping[str, tuple[int, int]], params: Mapping[str, Any]) -> Optional[float]:
     """The request at the top tier's prices: the token counts of its first call that has them."""
-    from litellm_routenlp.pricing import price_usage
-
     for call in record.calls:
         counts = tokens.get(call.call_id or "")
         if counts is not None:
@@ -429,8 +431,6 @@ def _priced_at_top(record: Any, tokens: Mapping[str, tuple[int, int]], params: M
 
 def top_tier_deployment(config: str | os.PathLike[str]) -> tuple[Optional[str], Optional[dict[str, Any]]]:
     """``("T<k>", litellm_params)`` of the proxy config's most expensive tier (highest ``routenlp_tier``)."""
-    from litellm_routenlp.config import read_yaml
-
     best: tuple[int, Optional[dict[str, Any]]] = (0, None)
     for deployment in read_yaml(Path(config)).get("model_list") or []:
         tier = (deployment.get("model_info") or {}).get("routenlp_tier")
@@ -559,9 +559,6 @@ def load_requests(decisions: Sequence[str | os.PathLike[str]], *, since: Optiona
                   config: Optional[str | os.PathLike[str]] = None, progress: Optional[bool] = None
                   ) -> tuple[list[Any], RawScan]:
     """Requests of the decision logs (and spend-log JSON files, merged by :func:`coopt.logs.merge_sources`)."""
-    from coopt.logs import (_normalise_row, join_spend_logs, merge_sources, read_decision_log, read_spend_logs_json,
-                            tier_names_by_model_id)
-
     scan = RawScan()
     sources = []
     for path in decisions:
@@ -660,11 +657,11 @@ def _ms(value: Optional[float]) -> str:
 
 def plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     """PNG bytes of the three plots (matplotlib, Agg backend: headless, no display)."""
-    import matplotlib
+    import matplotlib  # local: only the HTML report's plots need it, and Agg must be chosen before pyplot loads
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
-    import numpy as np
 
     out: dict[str, bytes] = {}
     buckets = report["timeline"]["buckets"]
@@ -676,8 +673,6 @@ def plots(report: Mapping[str, Any]) -> dict[str, bytes]:
         figure.savefig(buffer, format="png", dpi=100)
         plt.close(figure)
         return buffer.getvalue()
-
-    import matplotlib.dates as mdates
 
     def time_axis(axis: Any) -> None:
         locator = mdates.AutoDateLocator()

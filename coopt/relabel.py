@@ -19,12 +19,15 @@ from typing import Optional, Sequence
 import yaml
 
 from routenlp_core.allpairs import AllPairsRecord, read_allpairs
+from routenlp_core.tasks import TaskExample
+from litellm_routenlp.config import read_yaml
+from routenlp_standins import tiers as standin_tiers
+from routenlp_standins.artifacts import StandinDirs
+from coopt.label import label_examples
 
 
 def config_with_tiers(config_path: str | os.PathLike[str], tiers: Sequence[str], out_path: Path) -> Path:
     """A copy of the proxy config whose alias keeps only the deployments of ``tiers`` (names ``T<k>``)."""
-    from litellm_routenlp.config import read_yaml
-
     document = read_yaml(Path(config_path))
     alias = (document.get("routenlp_settings") or {}).get("model_alias", "routenlp")
     kept = [d for d in document.get("model_list") or []
@@ -40,7 +43,7 @@ def pin_torch_threads(threads: int = 1) -> None:
     On a shared 2-core machine two spinning torch threads made a 48-token answer 16-30 s instead of
     2.3 s with one thread (measured here), so offline relabelling pins one thread after the tier loads.
     """
-    import torch
+    import torch  # local: only a config with an in-process SmolLM2 tier needs torch
 
     torch.set_num_threads(threads)
 
@@ -53,9 +56,6 @@ def relabel_tiers(records: Sequence[AllPairsRecord], config_path: str | os.PathL
     Give it a config whose stand-ins serve the iteration's students (:func:`coopt.versions.derive_proxy_config`).
     ``work_dir`` keeps the labeller's output (resumable); a temporary directory otherwise.
     """
-    from coopt.label import label_examples
-    from routenlp_core.tasks import TaskExample
-
     tiers = sorted(set(tiers))
     if not tiers or not records:
         return list(records)
@@ -86,15 +86,10 @@ def prepare_local_generators(config: str | os.PathLike[str], tiers: Optional[Seq
 
 def load_local_generators(config: str | os.PathLike[str], tiers: Optional[Sequence[str]] = None) -> bool:
     """Load the in-process SmolLM2 tier if the config serves one of ``tiers`` (names ``T<k>``) with it."""
-    from litellm_routenlp.config import read_yaml
-
     for deployment in read_yaml(Path(config)).get("model_list") or []:
         model = str((deployment.get("litellm_params") or {}).get("model", ""))
         name = f"T{(deployment.get('model_info') or {}).get('routenlp_tier')}"
         if model.endswith("/smollm2") and (tiers is None or name in tiers):
-            from routenlp_standins import tiers as registry
-            from routenlp_standins.artifacts import StandinDirs
-
-            registry.smollm2(StandinDirs.from_model_info(deployment.get("model_info"))).load()  # what it serves
+            standin_tiers.smollm2(StandinDirs.from_model_info(deployment.get("model_info"))).load()  # what it serves
             return True
     return False

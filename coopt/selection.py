@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from routenlp_core.tasks import get_task
+from coopt.failures import ask_tiers, top_tier
+
 HARD_FRACTION = 0.3
 RANDOM_SHARE = 0.2
 
@@ -80,8 +83,6 @@ def select_targeted(failures: Sequence[Any], clustering: Mapping[str, Any], pool
     any budget); a text answer, cut at the failure-scoring budget, is asked again by
     :func:`fill_teacher_outputs` with the distillation budget.
     """
-    from routenlp_core.tasks import get_task
-
     if not 0.0 < hard_fraction <= 1.0:
         raise ValueError(f"hard_fraction must lie in (0, 1], got {hard_fraction}")
     by_task = _pool_by_task(pool)
@@ -131,8 +132,6 @@ def fill_teacher_outputs(items: Sequence[DistillItem], config_path: str | os.Pat
     Items whose teacher call fails are dropped (a distillation target must exist).  ``max_tokens`` is
     the teacher's budget: generous, since a truncated target teaches truncation.
     """
-    from coopt.failures import ask_tiers, top_tier
-
     teachers = {task: top_tier(config_path, task) for task in {item.task for item in items}}
     missing = [i for i, item in enumerate(items) if item.teacher_output is None]
     answers = ask_tiers(config_path, [(teachers[items[i].task], items[i].task, items[i].prompt) for i in missing],

@@ -37,16 +37,21 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from routenlp_core.hashing import sha256_file
+from routenlp_core.tasks import get_task
+from litellm_routenlp.encoder import OnnxSentenceEncoder
+from coopt.train_router import EmbeddingCache
 
 STATIC_NAME = "routenlp/static-minilm"
 
 
 def token_vectors(encoder_dir: Path, batch_size: int = 512, progress: bool = True) -> tuple[np.ndarray, list[int]]:
     """(vocab, 384) mean-pooled MiniLM outputs of ``[CLS] t [SEP]`` for every token t; special ids."""
-    from litellm_routenlp.encoder import OnnxSentenceEncoder
-
     encoder = OnnxSentenceEncoder(encoder_dir, quantized=False, threads=2)
     vocab = encoder.tokenizer.get_vocab()
     size = max(vocab.values()) + 1
@@ -56,8 +61,6 @@ def token_vectors(encoder_dir: Path, batch_size: int = 512, progress: bool = Tru
     feeds_extra = "token_type_ids" in encoder._input_names
     starts = range(0, size, batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="static encoder: embedding the vocabulary", unit="batch")
     for start in starts:
         ids = np.arange(start, min(start + batch_size, size), dtype=np.int64)
@@ -95,8 +98,6 @@ DEFAULT_TUNE_TASKS = ("banking77", "clinc150", "bitext", "fin_ner", "ectsum", "c
 
 def tuning_corpus(tasks: Sequence[str], per_task: int, seed: int = 0) -> list[str]:
     """Distinct texts of the *train* splits of ``tasks`` (at most ``per_task`` each)."""
-    from routenlp_core.tasks import get_task
-
     texts: list[str] = []
     for name in tasks:
         texts.extend(example.text for example in get_task(name).load("train", limit=per_task, seed=seed))
@@ -106,9 +107,6 @@ def tuning_corpus(tasks: Sequence[str], per_task: int, seed: int = 0) -> list[st
 def teacher_embeddings(texts: Sequence[str], encoder_dir: Path, max_length: int, cache_path: Optional[Path],
                        progress: bool) -> np.ndarray:
     """MiniLM (fp32 ONNX) embeddings of ``texts``, cached by text and encoder graph like training's."""
-    from coopt.train_router import EmbeddingCache
-    from litellm_routenlp.encoder import OnnxSentenceEncoder
-
     encoder = OnnxSentenceEncoder(encoder_dir, quantized=False, threads=2, max_length=max_length)
     key = f"{sha256_file(encoder.graph_path)}-len{max_length}"
     if cache_path is None:
@@ -116,8 +114,6 @@ def teacher_embeddings(texts: Sequence[str], encoder_dir: Path, max_length: int,
     cache = EmbeddingCache(cache_path, key)
     chunks = range(0, len(texts), 2000)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, desc="static encoder: MiniLM teacher embeddings", unit="chunk")
     return np.concatenate([cache.embed(list(texts[start:start + 2000]), encoder, batch_size=64)
                            for start in chunks])
@@ -129,7 +125,7 @@ def tune_table(table: np.ndarray, token_ids: Sequence[Sequence[int]], teacher: n
 
     Returns the tuned table with the map folded in (vocab, teacher dim) and the loss per epoch.
     """
-    import torch
+    import torch  # local: only the tuning step trains (torch costs ~1 s and is the train extra's heavy half)
 
     torch.manual_seed(seed)
     previous_threads = torch.get_num_threads()
@@ -146,8 +142,6 @@ def tune_table(table: np.ndarray, token_ids: Sequence[Sequence[int]], teacher: n
         losses: list[float] = []
         epoch_range = range(epochs)
         if progress:
-            from tqdm import tqdm
-
             epoch_range = tqdm(epoch_range, desc="static encoder: tuning to MiniLM", unit="epoch")
         for _ in epoch_range:
             order = rng.permutation(len(sequences))
@@ -174,8 +168,6 @@ def tune_table(table: np.ndarray, token_ids: Sequence[Sequence[int]], teacher: n
 
 def _gather_graph(table: np.ndarray):
     """ONNX graph: last_hidden_state = float(table[input_ids]) * attention_mask[..., None]."""
-    from onnx import TensorProto, helper, numpy_helper
-
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["gathered_half"], axis=0),
         helper.make_node("Cast", ["gathered_half"], ["gathered"], to=TensorProto.FLOAT),
@@ -205,9 +197,6 @@ def export_static_encoder(out_dir: str | Path, source_encoder_dir: str | Path = 
 
     ``tune_tasks=()`` skips step 2 (the plain Model2Vec-style table, ``dim`` columns).
     """
-    import onnx
-    from tokenizers import Tokenizer
-
     source = Path(source_encoder_dir)
     if not (source / "model.onnx").is_file():
         raise FileNotFoundError(f"{source / 'model.onnx'}: export MiniLM first (`routenlp export-encoder`)")

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+from openai import AsyncOpenAI
+from tqdm.auto import tqdm
+
+from litellm_routenlp.config import read_yaml
+from litellm_routenlp.proxy_process import ProxyProcess
 
 
 def traffic_config(config_path: str | os.PathLike[str], decision_log: Path, out_path: Path) -> Path:
     """A copy of ``config_path`` writing its decisions to ``decision_log``, with every path made absolute."""
-    from litellm_routenlp.config import read_yaml
-
     source = Path(config_path).resolve()
     document = read_yaml(source)
     settings = dict(document.get("routenlp_settings") or {})
@@ -36,9 +39,6 @@ def traffic_config(config_path: str | os.PathLike[str], decision_log: Path, out_
 
 async def _send(base_url: str, key: str, queries: Sequence[tuple[str, str]], concurrency: int, max_tokens: int,
                 progress: bool) -> dict[str, Any]:
-    from openai import AsyncOpenAI
-    from tqdm.auto import tqdm
-
     client = AsyncOpenAI(base_url=base_url, api_key=key, timeout=600, max_retries=0)
     semaphore = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(queries), desc="traffic through the proxy", disable=not progress)
@@ -65,8 +65,6 @@ def send_through_proxy(config_path: str | os.PathLike[str], queries: Sequence[tu
                        work_dir: Path, concurrency: int = 4, max_tokens: int = 48, progress: bool = True,
                        env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Start the proxy on ``config_path`` (decisions -> ``decision_log``), send ``(task, text)`` queries, stop it."""
-    from litellm_routenlp.proxy_process import ProxyProcess
-
     config = traffic_config(config_path, decision_log, work_dir / "traffic_proxy_config.yaml")
     started = time.perf_counter()
     proxy = ProxyProcess(config, log_path=work_dir / "traffic_proxy.log", env=env, cwd=Path.cwd())

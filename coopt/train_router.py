@@ -48,10 +48,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer
 
-from routenlp_core.hashing import sha256_file  # noqa: F401  (re-exported for coopt users)
 from routenlp_core.allpairs import (UNKNOWN_TASK, AllPairsRecord, Portfolio, cheapest_acceptable_tier, data_sha256,
                             load_portfolio, read_allpairs, records_sha256, routing_target, tier_values)
+from routenlp_core.hashing import sha256_file  # benchmarks/router_training_report.py imports it from here too
+from routenlp_core.paths import minilm_model_path, project_root
+from litellm_routenlp.encoder import OnnxSentenceEncoder, graph_fingerprints
+from coopt.export_encoder import export_encoder
+
+# torch (and transformers, and onnxruntime.quantization) are imported inside the functions that train
+# or export: the embedding cache and frozen_embeddings here are used by the bench, the static
+# encoder and the classifier distillation, which must not pay ~2 s of imports for them.
 
 FORMAT_VERSION = 2  # 2: the head has the ``acceptance`` output (version 1 routers still load)
 EMBEDDING_DIM = 384
@@ -122,8 +132,6 @@ class EmbeddingCache:
         self.encoder_sha256 = encoder_sha256
         self._rows: dict[bytes, np.ndarray] = {}
         if self.path.exists():
-            from safetensors import safe_open
-
             with safe_open(str(self.path), framework="numpy") as handle:
                 stored = (handle.metadata() or {}).get("encoder_sha256")
                 if stored != encoder_sha256:
@@ -150,8 +158,6 @@ class EmbeddingCache:
             np.zeros((0, EMBEDDING_DIM), np.float32)
 
     def save(self) -> None:
-        from safetensors.numpy import save_file
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = np.stack([np.frombuffer(key, dtype=np.uint8) for key in self._rows])
         embeddings = np.stack(list(self._rows.values())).astype(np.float32)
@@ -167,8 +173,6 @@ def frozen_embeddings(texts: Sequence[str], encoder_dir: Union[str, os.PathLike[
 
     Returns the (n, 384) embeddings and the encoder description router.json stores.
     """
-    from litellm_routenlp.encoder import OnnxSentenceEncoder
-
     encoder_dir = Path(encoder_dir)
     encoder = OnnxSentenceEncoder(encoder_dir, quantized=False, threads=1)
     graph_sha = sha256_file(encoder.graph_path)
@@ -184,8 +188,6 @@ def frozen_embeddings(texts: Sequence[str], encoder_dir: Union[str, os.PathLike[
 
 def _dir_hint(encoder_dir: Path) -> str:
     """The encoder directory relative to the project root when it lies inside it (portable)."""
-    from routenlp_core.paths import project_root
-
     try:
         return str(encoder_dir.resolve().relative_to(project_root().resolve()))
     except ValueError:
@@ -195,8 +197,6 @@ def _dir_hint(encoder_dir: Path) -> str:
 def _encoder_description(meta: dict[str, Any], graph_sha: str, dir_hint: str, max_length: int,
                          encoder_dir: Path) -> dict[str, Any]:
     """What router.json records of its encoder: sha256 of each graph and its probe embeddings."""
-    from litellm_routenlp.encoder import graph_fingerprints
-
     by_file = dict(meta.get("sha256") or {})
     by_file["model.onnx"] = graph_sha
     return {"name": meta.get("name"), "kind": meta.get("kind", "transformer"), "dim": int(meta["dim"]),
@@ -312,7 +312,6 @@ def routing_loss(logits, target, quality, tau, tier_cost, cost_weight: float = C
 
 def _build_finetune_encoder(model_path: Path, max_length: int):
     import torch
-    from tokenizers import Tokenizer
     from torch import nn
     from transformers import AutoModel
 
@@ -448,8 +447,6 @@ def export_head_onnx(head, out_dir: Path) -> tuple[Path, Path]:
 
 def _export_finetuned_encoder(encoder, source: Path, out_dir: Path, max_length: int) -> dict[str, Any]:
     """Save the trained MiniLM and export it with the project's encoder exporter to ``out_dir``."""
-    from coopt.export_encoder import export_encoder
-
     with tempfile.TemporaryDirectory(prefix="routenlp-finetuned-") as scratch:
         scratch_path = Path(scratch)
         encoder.model.save_pretrained(str(scratch_path))  # safetensors
@@ -528,8 +525,6 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
             embeddings, encoder_info = frozen_embeddings(prepared.texts, encoder_dir, cache_path)
             embedding_table = torch.from_numpy(embeddings)
         else:
-            from routenlp_core.paths import minilm_model_path
-
             source = minilm_model_path()
             encoder = _build_finetune_encoder(source, finetune_max_length)
             embedding_table = None
@@ -618,7 +613,6 @@ def train_router(allpairs: Union[str, os.PathLike[str], Sequence[AllPairsRecord]
             _softmax(val_logits))
         weights = {name: tensor.detach().numpy().astype(np.float32)
                    for name, tensor in head.state_dict().items()}
-        from safetensors.numpy import save_file
 
         save_file({name: np.ascontiguousarray(weights[name]) for name in WEIGHT_NAMES},
                   str(out / "weights.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})

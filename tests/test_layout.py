@@ -69,3 +69,49 @@ def test_loading_the_proxy_hook_pulls_in_no_training_library(tmp_path):
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
     assert not loaded & (TRAINING_LIBRARIES | {"coopt", "calibration", "routenlp_cli"}), sorted(
         loaded & (TRAINING_LIBRARIES | {"coopt", "calibration", "routenlp_cli"}))
+
+
+def _module_level_imports(path: Path, module: str) -> set[str]:
+    """Project modules ``module`` imports when it is imported (top-level statements, not functions)."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        for statement in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else (node,):
+            if isinstance(statement, ast.Import):
+                out.update(alias.name for alias in statement.names)
+            elif isinstance(statement, ast.ImportFrom):
+                base = statement.module or ""
+                if statement.level:
+                    base = ".".join(package[:len(package) - statement.level + 1] + ([base] if base else []))
+                out.add(base)
+                out.update(f"{base}.{alias.name}" for alias in statement.names)  # `from pkg import module`
+    return out
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level imports form no cycle, so every module imports on its own, in any order
+    (function-local imports are kept only to defer heavy libraries, never to hide a cycle)."""
+    modules = {}
+    for package in LAYERS:
+        for path in _package_files(package):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: sorted(_module_level_imports(path, name) & set(modules) - {name}) for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def cycle_from(name: str, path: list[str]) -> list[str]:
+        state[name] = 1
+        for target in graph[name]:
+            if state.get(target) == 1:
+                return path[path.index(target):] + [name, target] if target in path else [name, target]
+            if target not in state:
+                found = cycle_from(target, path + [name])
+                if found:
+                    return found
+        state[name] = 2
+        return []
+
+    for name in sorted(graph):
+        if name not in state:
+            found = cycle_from(name, [])
+            assert not found, " -> ".join(found)

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from coopt.bench.metrics import Routes
-from coopt.bench.systems import FitContext, RatioScorer, RoutingSystem, cheapest_confident, knob_grid, pick, register
+from coopt.bench.systems import FitContext, RatioScorer, RoutingSystem, cheapest_confident, knob_grid, register
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, n_classes: int, C: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
@@ -44,7 +44,7 @@ def fit_classifier(X: np.ndarray, y: np.ndarray, n_classes: int, C: float = 1.0)
         constant = np.zeros(n_classes)
         constant[int(classes[0])] = 1.0
         return lambda Z: np.tile(constant, (len(Z), 1))
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # local: scikit-learn costs ~1.2 s to import
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

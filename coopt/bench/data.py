@@ -19,6 +19,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from routenlp_core.allpairs import AllPairsRecord, Portfolio, cheapest_acceptable_tier, tier_values
+from routenlp_core.hashing import sha256_file
+from routenlp_core.paths import project_root
+from litellm_routenlp.encoder import OnnxSentenceEncoder
+from calibration.calibrate import served_tiers
+from coopt.train_router import EmbeddingCache, text_key
 
 #: service time (ms) assumed for a tier when the data has no latency for it: the bottom and top
 #: tiers' figures, the tiers in between geometrically spaced (documented in the README "Results").
@@ -73,8 +78,6 @@ class BenchData:
         A tier whose every answer for a task is a ``not served`` error is not eligible for it, as in
         the proxy; the top tier always counts as serving (it is the last resort).
         """
-        from calibration.calibrate import served_tiers
-
         served = np.ones((len(self.tasks), self.K), dtype=bool)
         for index, task in enumerate(self.tasks):
             rows = np.nonzero(self.task_ids == index)[0]
@@ -141,9 +144,6 @@ def _fill_latency(latency: np.ndarray) -> np.ndarray:
 
 
 def default_cache_path(encoder_dir: Path) -> Path:
-    from routenlp_core.paths import project_root
-    from coopt.train_router import sha256_file
-
     sha = sha256_file(Path(encoder_dir) / "model.onnx")
     return project_root() / "artifacts" / "cache" / f"bench-embeddings-{sha[:16]}.safetensors"
 
@@ -157,9 +157,6 @@ def cached_embeddings(texts: Sequence[str], encoder_dir: Path, cache_path: Optio
     Missing texts are encoded ``chunk`` at a time and the cache saved after each chunk, so an
     interrupted first run keeps its work.  ``progress(k)`` is called with the number just encoded.
     """
-    from coopt.train_router import EmbeddingCache, sha256_file, text_key
-    from litellm_routenlp.encoder import OnnxSentenceEncoder
-
     encoder_dir = Path(encoder_dir)
     cache_path = Path(cache_path) if cache_path is not None else default_cache_path(encoder_dir)
     graph_sha = sha256_file(encoder_dir / "model.onnx")

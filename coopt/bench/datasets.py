@@ -23,25 +23,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from routenlp_core.allpairs import AllPairsRecord, Portfolio, write_allpairs, write_portfolio
+from coopt.multimodel import combine, load_cascades_9llm, load_routellm_evals, load_routerbench
 
 Loader = Callable[[Optional[Path]], tuple[list[AllPairsRecord], Portfolio]]
 
 
 def _cascades(data_dir: Optional[Path]) -> tuple[list[AllPairsRecord], Portfolio]:
-    from coopt.multimodel import combine, load_cascades_9llm
-
     return combine(load_cascades_9llm("medmcqa", data_dir=data_dir), load_cascades_9llm("truthfulqa", data_dir=data_dir))
 
 
 def _routerbench(data_dir: Optional[Path]) -> tuple[list[AllPairsRecord], Portfolio]:
-    from coopt.multimodel import combine, load_routerbench
-
     return combine(load_routerbench(split="train", data_dir=data_dir), load_routerbench(split="test", data_dir=data_dir))
 
 
 def _routellm(data_dir: Optional[Path]) -> tuple[list[AllPairsRecord], Portfolio]:
-    from coopt.multimodel import combine, load_routellm_evals
-
     return combine(load_routellm_evals("mmlu", data_dir=data_dir), load_routellm_evals("gsm8k", data_dir=data_dir))
 
 

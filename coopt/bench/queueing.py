@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from litellm_routenlp.latency_budget import LatencyBudget, TierLatencies, choose_escalation, choose_start
 
 
 @dataclass
@@ -145,10 +148,6 @@ def simulate_sla(paths: np.ndarray, mean_service_s: Sequence[float], arrivals_pe
     over the simulated draws.  Returns :func:`simulate`'s figures plus ``forced`` (share of queries
     a budget moved) and, when given, ``quality_ratio`` and ``cost_ratio``.
     """
-    from collections import deque
-
-    from litellm_routenlp.latency_budget import LatencyBudget, TierLatencies, choose_escalation, choose_start
-
     paths = np.asarray(paths, dtype=bool)
     m, K = paths.shape
     n = config.n_arrivals

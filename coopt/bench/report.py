@@ -204,7 +204,7 @@ def sweeps_markdown(results: dict[str, Any]) -> str:
 
 
 def plot_cost_quality(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # local: only the figures need it, and the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,7 +245,7 @@ def plot_cost_quality(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_tier_shares(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # local: only the figures need it, and the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -41,9 +41,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from routenlp_core.allpairs import AllPairsRecord, Portfolio, TaskSpec
+from litellm_routenlp.config import RouteNLPSettings
+from litellm_routenlp.policy import ConformalThresholds
+from litellm_routenlp.router_model import RouterModel
+from litellm_routenlp.routers import RouterEstimates
+from litellm_routenlp.routing import choose_tier
+from litellm_routenlp.thresholds import Thresholds
+from calibration.calibrate import calibrate, fit_thresholds
+from calibration.fit_cascade_routing import (FAMILIES, CalibrationRows, RowCache, assign_folds, family_policy,
+                                             fit_cascade_routing, fit_parts, out_of_fold_quality, replay_rows,
+                                             task_policy)
 from coopt.bench.metrics import Routes
 from coopt.bench.systems import THRESHOLD_GRID, FitContext, RatioScorer, RoutingSystem, knob_grid, pick, register
-from litellm_routenlp.routers import RouterEstimates
+from coopt.train_router import train_router
 
 ROUTE_CONFIDENCES = THRESHOLD_GRID  # the baselines' grid; fit() adds quantiles of the router's own scores
 ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -53,8 +63,6 @@ FITTED = object()  # route(): use the thresholds fitted on the calibration split
 
 def proxy_defaults() -> dict[str, Any]:
     """The proxy's own defaults for the settings the benchmark replays."""
-    from litellm_routenlp.config import RouteNLPSettings
-
     fields = RouteNLPSettings.model_fields
     return {name: fields[name].default for name in ("route_confidence", "max_hops", "no_logprobs_policy",
                                                       "router_quantized")}
@@ -130,8 +138,6 @@ def to_routes(rows: np.ndarray, kept: np.ndarray, tried: np.ndarray, K: int) -> 
 
 def bench_rows(data: Any, rows: np.ndarray, ex_ante: Optional[np.ndarray] = None) -> Any:
     """The bench rows as the policy replay reads them (:class:`CalibrationRows`)."""
-    from calibration.fit_cascade_routing import CalibrationRows
-
     K = data.K
     available = {task: [k + 1 for k in range(K) if data.served[index, k]] for index, task in enumerate(data.tasks)}
     outputs = [[data.records[i].tiers[name].output for name in data.tier_names] for i in rows]
@@ -144,8 +150,6 @@ def bench_rows(data: Any, rows: np.ndarray, ex_ante: Optional[np.ndarray] = None
 def policy_routes(policy: Any, data: Any, rows: np.ndarray, ex_ante: Optional[np.ndarray] = None,
                   starts: Optional[np.ndarray] = None, route_probabilities: Optional[np.ndarray] = None) -> Routes:
     """Decide ``rows`` with ``policy`` on their recorded answers; the bench's Routes."""
-    from calibration.fit_cascade_routing import replay_rows
-
     kept, tried, _ = replay_rows(policy, bench_rows(data, rows, ex_ante), route_probabilities, starts)
     return to_routes(rows, kept, tried, data.K)
 
@@ -164,9 +168,6 @@ class _RouterOwner(RoutingSystem):
         """The router trained on ``rows`` (default: the training rows), shared under ``name`` in the seed."""
         key = name or f"router:{'task' if self.task_conditioning else 'pooled'}"
         if key not in ctx.shared:
-            from coopt.train_router import train_router
-            from litellm_routenlp.router_model import RouterModel
-
             data = ctx.data
             records = [data.records[i] for i in (ctx.split.train if rows is None else rows)]
             portfolio, task_map = data.portfolio, None
@@ -216,8 +217,6 @@ class RouteNLP(_RouterOwner):
         fitted on the other folds too (:func:`fit_cascade_routing` with the same folds), so every
         decision the certificate counts was made by estimators that never saw its row.  The router
         that serves the test rows is trained on all of them."""
-        from calibration.fit_cascade_routing import assign_folds, out_of_fold_quality, fit_parts
-
         data = ctx.data
         pool = np.sort(np.concatenate([ctx.split.train, ctx.split.calib]))
         fold_of = assign_folds(data.task_names[pool], self.settings["folds"], ctx.seed)
@@ -234,13 +233,9 @@ class RouteNLP(_RouterOwner):
 
     @property
     def lambdas(self) -> tuple[float, ...]:
-        from calibration.fit_cascade_routing import FAMILIES
-
         return FAMILIES[self.policy_family]
 
     def fit(self, ctx: FitContext) -> None:
-        from calibration.fit_cascade_routing import fit_cascade_routing
-
         RoutingSystem.fit(self, ctx)
         data = ctx.data
         key = f"certified:{self.policy_family}"
@@ -282,8 +277,6 @@ class RouteNLP(_RouterOwner):
 
     def curve(self, rows: np.ndarray) -> list[Routes]:
         """Test routes at every knob value of the grid (same estimator): the APGR/CPT curve."""
-        from calibration.fit_cascade_routing import RowCache, family_policy, task_policy
-
         ex_ante = self.router.acceptance_rows(rows)
         out = []
         cache, memo = RowCache(self.policy.estimator), {}
@@ -324,8 +317,6 @@ class RouteNLPPaperRule(_RouterOwner):
                     rows: Optional[np.ndarray] = None) -> np.ndarray:
         """1-based tier chosen by the proxy's rule for each row of router probabilities, among the
         tiers that serve the row's task (all tiers when ``rows`` is not given)."""
-        from litellm_routenlp.routing import choose_tier
-
         every_tier = list(range(1, probabilities.shape[1] + 1))
         data = self.ctx.data
         eligible = [every_tier if rows is None else data.eligible_tiers(int(row))
@@ -340,8 +331,6 @@ class RouteNLPPaperRule(_RouterOwner):
     def fit_thresholds(self, rows: np.ndarray, start: np.ndarray, alpha: float,
                        portfolio: Optional[Portfolio] = None) -> Optional[dict]:
         """delta per tier and task on ``rows`` (1-based start tiers given), or None when it cannot be fitted."""
-        from calibration.calibrate import fit_thresholds
-
         data = self.ctx.data
         try:
             with warnings.catch_warnings():
@@ -359,9 +348,6 @@ class RouteNLPPaperRule(_RouterOwner):
 
     def cascade_routes(self, rows: np.ndarray, start: np.ndarray, thresholds_doc: Optional[dict], alpha: float,
                        delta_scale: float = 1.0) -> Routes:
-        from litellm_routenlp.policy import ConformalThresholds
-        from litellm_routenlp.thresholds import Thresholds
-
         thresholds = None
         if thresholds_doc is not None:
             scaled = {tier: {task: {**cell, "delta": None if cell.get("delta") is None else cell["delta"] * delta_scale}
@@ -375,8 +361,6 @@ class RouteNLPPaperRule(_RouterOwner):
     def calibrate_on(self, rows: np.ndarray, route_confidence: float, alpha: float,
                      portfolio: Optional[Portfolio] = None) -> Optional[dict]:
         """The project's ``calibrate`` on ``rows`` with the trained router replayed; None if impossible."""
-        from calibration.calibrate import calibrate
-
         if not self.can_cascade():
             return None
         data = self.ctx.data

@@ -15,7 +15,6 @@ For one benchmark (one or more all-pairs files sharing a portfolio):
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,14 +22,19 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import threadpool_limits  # scikit-learn's own dependency (declared in the train extra)
+from tqdm import tqdm
 
 from routenlp_core.allpairs import Portfolio, data_sha256, load_portfolio, read_allpairs
+from calibration.calibrate import deltas_of, evaluate_thresholds
 import coopt.bench.baselines  # noqa: F401  (importing registers the baselines)
-from coopt.bench import routenlp
+from coopt.bench import report, routenlp
+from coopt.bench.datasets import SHARED_DATASETS, materialise
 from coopt.bench.bootstrap import PairedSample, paired_bootstrap
 from coopt.bench.data import BenchData, default_cache_path
 from coopt.bench.metrics import Routes, mean_std, per_query, served_only, summarise
 from coopt.bench.queueing import SLA_MODES, QueueConfig, simulate, simulate_sla
+from coopt.bench.report import write_json
 from coopt.bench.systems import SYSTEMS, TARGET_QUALITY, FitContext
 
 DEFAULT_ORDER = ("Always-top", "Always-T2", "Rule-based", "RouteNLP", "RouteNLP (CRC)", "RouteNLP (paper rule)",
@@ -179,8 +183,6 @@ def _mix(data: BenchData, rows: np.ndarray, shares: np.ndarray, rng: np.random.G
 
 def _shift_test(system: Any, data: BenchData, test: np.ndarray, calib: np.ndarray) -> dict[str, Any]:
     """Calibrate on one task mix (first task 80%), test on another (last task 80%), vs a matched mix."""
-    from calibration.calibrate import deltas_of, evaluate_thresholds
-
     T = len(data.tasks)
     mix_a = np.full(T, 0.2 / (T - 1))
     mix_a[0] = 0.8
@@ -196,10 +198,10 @@ def _shift_test(system: Any, data: BenchData, test: np.ndarray, calib: np.ndarra
         start = system.start_tiers(system.router.proba_rows(test_b), system.route_confidence, test_b)
         violation, n = 0.0, 0
         if doc is not None:
-            report = evaluate_thresholds([data.records[i] for i in test_b], data.portfolio,
-                                         deltas_of({"thresholds": doc}), start)
+            measured = evaluate_thresholds([data.records[i] for i in test_b], data.portfolio,
+                                           deltas_of({"thresholds": doc}), start)
             for tier in data.tier_names[:-1]:
-                for cell in report.get(tier, {}).values():
+                for cell in measured.get(tier, {}).values():
                     violation += cell["violation"] * cell["n"]
                     n += cell["n"]
         out[label] = {"n_calibration": int(len(calib_rows)), "n_test": int(len(test_b)),
@@ -226,8 +228,6 @@ def run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: dic
 
 def _run_benchmark(data: BenchData, out_dir: Path, config: BenchConfig, meta: dict[str, Any],
                    progress_bar: Any) -> dict[str, Any]:
-    from coopt.bench import report
-
     names = system_order(config.systems)
     mean_service_s = data.latency.mean(axis=0) / 1000.0
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -466,8 +466,6 @@ def goal(results: dict[str, Any], target: float) -> dict[str, Any]:
 def bench_files(data_paths: Sequence[Path], portfolio_path: Path, out_dir: Path, config: BenchConfig,
                 name: Optional[str] = None) -> dict[str, Any]:
     """Benchmark one or more all-pairs files sharing ``portfolio_path``; outputs go to ``out_dir``."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     portfolio = load_portfolio(portfolio_path)
     data = load_bench_data([Path(p) for p in data_paths], portfolio)
@@ -486,14 +484,11 @@ def bench_files(data_paths: Sequence[Path], portfolio_path: Path, out_dir: Path,
     names = system_order(config.systems)
     # One BLAS thread: on a shared 2-core machine a multi-threaded BLAS oversubscribes the cores and
     # scikit-learn's solvers ran ~40x slower here; the work is many small fits, not one big one.
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=config.threads), \
             tqdm(total=config.seeds * len(names), desc=f"bench {meta['name']}", unit="fit",
                  disable=not config.progress) as bar:
         results = run_benchmark(data, out_dir, config, meta, progress_bar=bar)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    from coopt.bench.report import write_json
 
     write_json(Path(out_dir) / "results.json", results)
     return results
@@ -502,9 +497,6 @@ def bench_files(data_paths: Sequence[Path], portfolio_path: Path, out_dir: Path,
 def bench_shared(names: Sequence[str], out_dir: Path, config: BenchConfig,
                  data_dir: Optional[Path] = None) -> dict[str, dict[str, Any]]:
     """Materialise each shared set into ``out_dir/data`` and benchmark it into ``out_dir/<name>``."""
-    from coopt.bench.datasets import SHARED_DATASETS, materialise
-    from coopt.bench import report
-
     started = time.perf_counter()
     if list(names) == ["all"]:
         names = list(SHARED_DATASETS)

@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 
+from calibration.certify import ltt_fixed_sequence, quality_loss
 from coopt.bench.data import BenchData, Split
 from coopt.bench.metrics import Routes
 
@@ -167,8 +168,6 @@ def pick_certified(candidates: Sequence[tuple], target: float, scorer: RatioScor
     ``candidates`` are (settings, quality ratio, cost ratio, per-row quality).  When no candidate is
     certified the safest (most expensive) one is kept and ``certified`` is False.
     """
-    from calibration.certify import ltt_fixed_sequence, quality_loss
-
     order = sorted(range(len(candidates)), key=lambda i: (-candidates[i][2], -candidates[i][1]))
     losses = np.stack([quality_loss(np.asarray(candidates[i][3], dtype=np.float64), scorer.top_quality, target)
                        for i in order])
