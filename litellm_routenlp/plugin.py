@@ -803,7 +803,8 @@ def load_serving_policy(settings: RouteNLPSettings, router: Optional[Router]) ->
     paper_rule = document.get("policy", "conformal_thresholds") == "conformal_thresholds"
     thresholds = Thresholds.load(path) if paper_rule or document.get("thresholds") else None
     policy = policy_from_document(document, settings, where=str(path), base=path.parent)
-    sha = router_sha256(router.artifact_dir) if router is not None else None
+    # a kind without an artifact (a wrapped bench system) has no sha256 to check; the rest still is
+    sha = router_sha256(router.artifact_dir) if router is not None and router.artifact_dir is not None else None
     mismatched = check_fitted_under(document, settings, sha)
     if mismatched:
         fitted = document.get("fitted_under") or {}

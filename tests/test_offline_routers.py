@@ -204,3 +204,18 @@ def test_routenlp_calibrate_config_uses_the_router_and_settings_the_proxy_config
                 "--config", str(bad), "--out", "policy.json", cwd=tmp_path)
     assert done.returncode == 2 and "routenlp_settings.router.kind: unknown router kind 'no_such_kind'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_policy_file_calibrated_under_a_kind_is_served_with_that_kind(demo, kind_module, tmp_path):
+    """The loop closes: the proxy serving the kind loads the file calibrated under it (and decides with it)."""
+    from conftest import write_proxy_config
+    from litellm_routenlp.plugin import RouteNLPCallback
+
+    records, portfolio = demo
+    spec = {"kind": KIND, "module": kind_module, "options": {"tier": 2}}
+    path = tmp_path / "policy.json"
+    _quiet(calibrate, records, portfolio, router_artifact=ARTIFACTS / "router", router=spec, out_path=path)
+    callback = RouteNLPCallback.from_config(write_proxy_config(tmp_path, thresholds_path=path, router=spec))
+    assert callback.thresholds.delta("T2", "bitext") is not None
+    decision = callback.decide([{"role": "user", "content": "where is my card?"}], {"task": "banking77"})
+    assert decision.probabilities == [0.0, 1.0, 0.0, 0.0]
