@@ -138,6 +138,24 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the proxy process (all its threads) and its children.
+
+    CPU per answered request is the figure queueing multiplies, and unlike latency it barely moves
+    when other processes share the cores, so it is the one to compare changes by on a busy machine."""
+    import psutil
+
+    total = 0.0
+    process = psutil.Process(pid)
+    for item in [process, *process.children(recursive=True)]:
+        try:
+            times = item.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def session_for(key: str, limit: int, timeout_s: float):
     import aiohttp
 
@@ -171,6 +189,7 @@ async def closed_loop(base_url: str, key: str, bodies: list[bytes], clients: int
     ``warmup + duration`` seconds; requests sent and answered inside the measured window count."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    unmeasured = [0]  # served in the warm-up or finished after the window: the proxy's CPU still paid for them
     started = time.perf_counter()
     measure_from = started + warmup
     stop_at = measure_from + duration
@@ -190,9 +209,12 @@ async def closed_loop(base_url: str, key: str, bodies: list[bytes], clients: int
                         latencies.append((t1 - t0) * 1000.0)
                     else:
                         errors[str(status)] = errors.get(str(status), 0) + 1
+                else:
+                    unmeasured[0] += 1
 
         await asyncio.gather(*(client(i) for i in range(clients)))
-    return {"ok": len(latencies), "errors": errors, "rps": len(latencies) / duration, **percentiles(latencies)}
+    return {"ok": len(latencies), "errors": errors, "unmeasured": unmeasured[0], "rps": len(latencies) / duration,
+            **percentiles(latencies)}
 
 
 async def open_loop(base_url: str, key: str, bodies: list[bytes], rate: float, duration: float,
@@ -307,19 +329,24 @@ def main() -> int:
                     for name in order:
                         proxy = proxies[name]
                         before = os.getloadavg()[0]
+                        cpu_before = cpu_seconds(proxy.process.pid)
                         if phase == "closed":
                             result = asyncio.run(closed_loop(proxy.base_url, proxy.master_key, bodies, concurrency,
                                                              args.duration, args.warmup, args.request_timeout))
                         else:  # the same arrival times for every config within a repeat
                             result = asyncio.run(open_loop(proxy.base_url, proxy.master_key, bodies, rate,
                                                            args.open_duration, 1000 + repeat, args.request_timeout))
+                        cpu_used = cpu_seconds(proxy.process.pid) - cpu_before
+                        answered = result["ok"] + sum(result["errors"].values()) + result.get("unmeasured", 0)
+                        result["cpu_ms_per_request"] = cpu_used * 1000.0 / max(answered, 1)
                         result.update(config=name, concurrency=concurrency, repeat=repeat, load1_before=before,
                                       load1_after=os.getloadavg()[0], phase=phase, offered_rps=rate, share=share)
                         runs.append(result)
                         cell = f"c={concurrency}" if phase == "closed" else f"{rate:.1f}/s"
                         print(f"  {phase:<6} {name:<9} {cell:<8} rep={repeat} ok={result['ok']:<6} "
                               f"rps={result['rps']:7.1f} p50={result['p50_ms']:8.1f} p99={result['p99_ms']:8.1f} "
-                              f"errors={result['errors']} load1={before:.2f}", flush=True)
+                              f"cpu/req={result['cpu_ms_per_request']:5.2f}ms errors={result['errors']} load1={before:.2f}",
+                              flush=True)
                         time.sleep(1.0)
 
             for concurrency in args.concurrency:
@@ -414,6 +441,7 @@ def summarise_closed(runs: list[dict], names: list[str], concurrencies: list[int
             row[name] = {"rps": float(np.median([r["rps"] for r in mine])),
                          "p50_ms": float(np.median([r["p50_ms"] for r in mine])),
                          "p99_ms": float(np.median([r["p99_ms"] for r in mine])),
+                         "cpu_ms_per_request": float(np.median([r["cpu_ms_per_request"] for r in mine])),
                          "errors": sum(sum(r["errors"].values()) for r in mine)}
         row["load1"] = float(np.mean(loads))
         add_comparison(row, names)
@@ -436,7 +464,9 @@ def summarise_open(runs: list[dict], names: list[str], shares: list[float]) -> l
             row[name] = {"rps": sum(r["ok"] for r in mine) / sum(r["span_s"] for r in mine),
                          "ok": sum(r["ok"] for r in mine), "sent": sum(r["sent"] for r in mine),
                          "errors": sum(sum(r["errors"].values()) for r in mine),
-                         "send_lag_p99_ms": max(r["send_lag_p99_ms"] for r in mine), **percentiles(pooled)}
+                         "send_lag_p99_ms": max(r["send_lag_p99_ms"] for r in mine),
+                         "cpu_ms_per_request": float(np.median([r["cpu_ms_per_request"] for r in mine])),
+                         **percentiles(pooled)}
         row["load1"] = float(np.mean(loads))
         add_comparison(row, names)
         rows.append(row)
@@ -448,6 +478,7 @@ def add_comparison(row: dict, names: list[str]) -> None:
         row["added_p50_ms"] = row["routenlp"]["p50_ms"] - row["plain"]["p50_ms"]
         row["added_p99_ms"] = row["routenlp"]["p99_ms"] - row["plain"]["p99_ms"]
         row["throughput_ratio"] = row["routenlp"]["rps"] / row["plain"]["rps"]
+        row["added_cpu_ms_per_request"] = row["routenlp"]["cpu_ms_per_request"] - row["plain"]["cpu_ms_per_request"]
         row["goals_met"] = {"p50": row["added_p50_ms"] <= GOALS["added_p50_ms"],
                             "p99": row["added_p99_ms"] <= GOALS["added_p99_ms"],
                             "throughput": row["throughput_ratio"] >= GOALS["throughput_ratio"]}
@@ -481,6 +512,10 @@ def print_closed(rows: list[dict], names: list[str]) -> None:
         print(line + (f" | errors {errors}" if errors else ""))
         if row["concurrency"] == 1 and "added_p50_ms" in row:
             print(f"{'':>7}   per-request work at one client: {row['added_p50_ms']:+.1f} ms p50 (goal +<= 2 ms)")
+    if rows and all("cpu_ms_per_request" in row[n] for n in names):
+        print(f"{'':>7}   proxy CPU per request (all threads; median over runs): " + "; ".join(
+            f"c={row['concurrency']}: " + ", ".join(f"{n} {row[n]['cpu_ms_per_request']:.2f} ms" for n in names)
+            for row in rows))
     for row in rows:
         parts = []
         if "callback_vs_plain" in row:
@@ -505,7 +540,8 @@ def print_open(rows: list[dict], capacity: float) -> None:
         print(f"{rate:>12} | {p['p50_ms']:>9.1f} {p['p99_ms']:>7.1f} | {r['p50_ms']:>12.1f} {r['p99_ms']:>7.1f} | "
               f"{row['added_p50_ms']:>+7.1f} {row['added_p99_ms']:>+7.1f} | {row['throughput_ratio']:>10.3f} | "
               f"{row['load1']:5.2f} | {verdict(row)} | requests {p['ok']}+{r['ok']}, failed {failed}, "
-              f"generator send lag p99 {max(p['send_lag_p99_ms'], r['send_lag_p99_ms']):.1f} ms")
+              f"generator send lag p99 {max(p['send_lag_p99_ms'], r['send_lag_p99_ms']):.1f} ms, "
+              f"proxy CPU/request {p['cpu_ms_per_request']:.2f} vs {r['cpu_ms_per_request']:.2f} ms")
 
 
 if __name__ == "__main__":
