@@ -2,8 +2,8 @@
 
 A router kind the proxy can serve (``routenlp_settings.router: {kind, module, options}``) must be
 calibratable and evaluable the same way; the default kind (``encoder_head``) must give exactly what
-loading the trained router directly gave.  Real data: the shipped demo calibration labels (real tier
-answers) and the shipped router.
+loading the trained router directly gave.  Real data: 36 held-out demo queries answered at test time
+by the real tiers of proxy_config.yaml (the `demo` fixture), and the shipped router.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from routenlp_core.paths import project_root
 
 ROOT = project_root()
 ARTIFACTS = ROOT / "artifacts"
-CALIB = ARTIFACTS / "labels" / "demo_calibration.jsonl"
 KIND = "fixed_start_offline_test"
 
 # One router kind, importable by module name (``router.module``) in a subprocess too: every query
@@ -57,13 +56,34 @@ KIND_MODULE = textwrap.dedent(f'''
 ''')
 
 
+# Queries per demo task, labelled at test time by the real tiers of proxy_config.yaml: calibration-split
+# test queries (the ones `make router` calibrates on, never trained on). Labels are not shipped in git
+# (they would copy ../shared/data into the repo); bitext's SmolLM2 answers make this the slow part (~1 min).
+PER_TASK = 12
+
+
 @pytest.fixture(scope="module")
-def demo():
-    for needed in (CALIB, ARTIFACTS / "router" / "router.json", ARTIFACTS / "portfolio.yaml"):
-        if not needed.is_file():
-            pytest.fail(f"{needed} missing: build it with `make artifacts` (routenlp build-artifacts)", pytrace=False)
+def demo(tmp_path_factory):
+    """(records, portfolio): real all-pairs rows of the demo tasks, answered by every demo tier."""
+    import asyncio
+
+    from coopt.demo_router import DEMO_TASKS, MAX_TOKENS, is_calibration_id
+    from coopt.label import iter_examples, label_examples
+    from conftest import require_artifacts, require_data
+
+    require_data("banking77", "clinc150", "bitext_customer_support")
+    require_artifacts("tiers", "router/router.json", "portfolio.yaml")
+    chosen = []
+    for task in DEMO_TASKS:
+        held_out = [e for e in iter_examples([task], "test", 250, seed=0) if is_calibration_id(e.id)]
+        chosen.extend(held_out[:PER_TASK])
+    out = tmp_path_factory.mktemp("labels") / "demo_calibration.jsonl"
+    asyncio.run(label_examples(ROOT / "proxy_config.yaml", chosen, out, concurrency=2, max_tokens=MAX_TOKENS,
+                               progress=False))
     portfolio = load_portfolio(ARTIFACTS / "portfolio.yaml")
-    return read_allpairs(CALIB, portfolio), portfolio
+    records = read_allpairs(out, portfolio)
+    assert len(records) == len(chosen) == PER_TASK * len(DEMO_TASKS)
+    return records, portfolio, out
 
 
 @pytest.fixture
@@ -87,7 +107,7 @@ def _strip(document):
 
 
 def test_the_default_kind_calibrates_exactly_as_the_trained_router_loaded_directly(demo):
-    records, portfolio = demo
+    records, portfolio, _ = demo
     by_registry = _quiet(calibrate, records, portfolio, router_artifact=ARTIFACTS / "router")
     direct = _quiet(calibrate, records, portfolio, router_artifact=RouterModel.load(ARTIFACTS / "router"))
     assert _strip(by_registry) == _strip(direct)
@@ -96,7 +116,7 @@ def test_the_default_kind_calibrates_exactly_as_the_trained_router_loaded_direct
 
 
 def test_calibration_replays_the_router_kind_it_is_told(demo, kind_module):
-    records, portfolio = demo
+    records, portfolio, _ = demo
     spec = {"kind": KIND, "module": kind_module, "options": {"tier": 3}}
     document = _quiet(calibrate, records, portfolio, router_artifact=ARTIFACTS / "router", router=spec)
     cells = document["thresholds"]
@@ -113,7 +133,7 @@ def test_calibration_replays_the_router_kind_it_is_told(demo, kind_module):
 
 
 def test_bad_router_settings_are_refused_naming_the_field(demo, kind_module):
-    records, portfolio = demo
+    records, portfolio, _ = demo
     for spec, field in (({"kind": "no_such_kind"}, "kind"), ({"kind": KIND, "module": kind_module}, "options"),
                         ({"kind": KIND, "modul": kind_module}, "modul"),
                         ({"module": "no_such_module_xyz"}, "module")):
@@ -122,7 +142,7 @@ def test_bad_router_settings_are_refused_naming_the_field(demo, kind_module):
 
 
 def test_an_object_that_is_not_a_router_is_refused(demo):
-    records, portfolio = demo
+    records, portfolio, _ = demo
 
     class OldStyle:  # the pre-protocol interface: no predict(texts, tasks) -> RouterEstimates
         tiers = portfolio.tier_names
@@ -137,14 +157,14 @@ def test_an_object_that_is_not_a_router_is_refused(demo):
 
 
 def test_certified_policies_need_a_router_with_acceptance_estimates(demo, kind_module):
-    records, portfolio = demo
+    records, portfolio, _ = demo
     with pytest.raises(ValueError, match="gives no acceptance estimates"):
         calibrate_cascade_routing(records, portfolio, ARTIFACTS / "router",
                                   router={"kind": KIND, "module": kind_module, "options": {"tier": 1}})
 
 
 def test_calibration_asks_the_router_with_the_proxys_character_cut(demo):
-    records, portfolio = demo
+    records, portfolio, _ = demo
     seen = []
 
     class Cutting:
@@ -159,7 +179,7 @@ def test_calibration_asks_the_router_with_the_proxys_character_cut(demo):
 
 
 def test_coopt_evaluate_serves_any_registered_kind_and_the_default_as_before(demo, kind_module):
-    records, portfolio = demo
+    records, portfolio, _ = demo
     thresholds = Thresholds.load(ARTIFACTS / "thresholds.json")
     top = load_router(None, {"kind": KIND, "module": kind_module, "options": {"tier": 4}})
     figures, outcomes = evaluate(records, portfolio, top, thresholds)
@@ -191,7 +211,7 @@ def _config(tmp_path: Path, router: dict, max_hops: int = 2) -> Path:
 def test_routenlp_calibrate_config_uses_the_router_and_settings_the_proxy_config_names(demo, tmp_path):
     (tmp_path / "offline_kind_test.py").write_text(KIND_MODULE)
     config = _config(tmp_path, {"kind": KIND, "module": "offline_kind_test", "options": {"tier": 3}})
-    done = _cli("calibrate", "--data", str(CALIB), "--portfolio", str(ARTIFACTS / "portfolio.yaml"),
+    done = _cli("calibrate", "--data", str(demo[2]), "--portfolio", str(ARTIFACTS / "portfolio.yaml"),
                 "--config", str(config), "--out", "policy.json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     document = json.loads((tmp_path / "policy.json").read_text())
@@ -200,7 +220,7 @@ def test_routenlp_calibrate_config_uses_the_router_and_settings_the_proxy_config
     assert document["thresholds"]["T3"]["banking77"]["n"] == sum(r.task == "banking77" for r in demo[0])
 
     bad = _config(tmp_path, {"kind": "no_such_kind"})
-    done = _cli("calibrate", "--data", str(CALIB), "--portfolio", str(ARTIFACTS / "portfolio.yaml"),
+    done = _cli("calibrate", "--data", str(demo[2]), "--portfolio", str(ARTIFACTS / "portfolio.yaml"),
                 "--config", str(bad), "--out", "policy.json", cwd=tmp_path)
     assert done.returncode == 2 and "routenlp_settings.router.kind: unknown router kind 'no_such_kind'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -211,7 +231,7 @@ def test_a_policy_file_calibrated_under_a_kind_is_served_with_that_kind(demo, ki
     from conftest import write_proxy_config
     from litellm_routenlp.plugin import RouteNLPCallback
 
-    records, portfolio = demo
+    records, portfolio, _ = demo
     spec = {"kind": KIND, "module": kind_module, "options": {"tier": 2}}
     path = tmp_path / "policy.json"
     _quiet(calibrate, records, portfolio, router_artifact=ARTIFACTS / "router", router=spec, out_path=path)
