@@ -54,6 +54,7 @@ from .router_model import RouterArtifactError
 from .routers import Router, RouterSettingError, build_router
 from .policy import ConformalThresholds, PolicyError, StartState, check_fitted_under, policy_from_document, \
     read_policy_document, router_sha256
+from .request_state import STATE_KEY, RequestState, state_of
 from .routing import RoutingDecision, healthy_fallback
 from .shadow_audit import AuditBudget, ShadowAudit
 from .spend_tags import call_metadata, tag_audit_call, tag_routed_call, task_label
@@ -64,7 +65,6 @@ from .verdicts import VerdictError, VerdictRecord, VerdictStore
 
 logger = logging.getLogger("litellm_routenlp")
 
-STATE_KEY = "routenlp"                      # per-request state inside data["metadata"] (sealed)
 ESCALATION_KEY = "routenlp_escalation_tier"  # pins an escalation call to one tier (sealed marker)
 REQUEST_ID_KEY = "routenlp_request_id"      # the plugin's id of a request, in its spend_logs_metadata
 PARENT_REQUEST_KEY = "routenlp_parent_request_id"  # on an escalation call: the plugin id of its request
@@ -150,11 +150,8 @@ class RouteNLPCallback(CustomLogger):
     def _sealed(self, value: Any, *parts: Any) -> bool:
         return isinstance(value, str) and hmac.compare_digest(value, self._seal(*parts))
 
-    def _new_state(self, decision: RoutingDecision, data: dict, **extra: Any) -> dict[str, Any]:
-        request_id = str(uuid.uuid4())
-        return {"request_id": request_id, "seal": self._seal("state", request_id),
-                "client_call_id": data.get("litellm_call_id"), "decision": decision.to_dict(),
-                "started": time.time(), **extra}
+    def _new_state(self, decision: RoutingDecision, data: dict, **extra: Any) -> RequestState:
+        return RequestState(decision=decision, client_call_id=data.get("litellm_call_id"), **extra)
 
     def _pinned_tier(self, metadata: dict[str, Any]) -> Optional[int]:
         """The tier of one of the plugin's own escalation calls; None for anything else."""
@@ -246,14 +243,14 @@ class RouteNLPCallback(CustomLogger):
         return RoutingDecision(task=task, task_status=status, probabilities=probabilities, acceptance=acceptance,
                                router_ms=(time.perf_counter() - started) * 1000.0)
 
-    def _state(self, data: Optional[dict]) -> Optional[dict[str, Any]]:
-        """This request's state, if the plugin wrote it (its seal checks out); else None."""
+    @staticmethod
+    def _state(data: Optional[dict]) -> Optional[RequestState]:
+        """This request's state (request_state.py), if the plugin made it; else None."""
         if not isinstance(data, dict):
             return None
         for holder in ("metadata", "litellm_metadata"):
-            metadata = data.get(holder)
-            state = metadata.get(STATE_KEY) if isinstance(metadata, dict) else None
-            if isinstance(state, dict) and self._sealed(state.get("seal"), "state", state.get("request_id")):
+            state = state_of(data.get(holder))
+            if state is not None:
                 return state
         return None
 
@@ -307,7 +304,7 @@ class RouteNLPCallback(CustomLogger):
         metadata[STATE_KEY] = state
         spend = metadata.get("spend_logs_metadata")
         metadata["spend_logs_metadata"] = {**(spend if isinstance(spend, dict) else {}),
-                                           REQUEST_ID_KEY: state["request_id"]}
+                                           REQUEST_ID_KEY: state.request_id}
         data["logprobs"] = True
         return data
 
@@ -329,9 +326,9 @@ class RouteNLPCallback(CustomLogger):
         pinned = self._pinned_tier(metadata)
         if pinned is not None:
             return [d for d in healthy_deployments if TierTable.tier_of(d) == pinned]
-        state = self._state({"metadata": metadata})
+        state = state_of(metadata)
         if state is not None:
-            decision = RoutingDecision.from_dict(state["decision"])
+            decision = state.decision
         else:  # litellm.Router used directly (no proxy pre-call hook): whatever state it carries is not ours
             decision = self.decide(messages, metadata)
             state = self._new_state(decision, kwargs)
@@ -359,12 +356,11 @@ class RouteNLPCallback(CustomLogger):
         if budget is not None:  # the task's latency budget vetoes a start tier expected to break it
             healthy_tier = tier
             tier, note = latency_budget.choose_start(budget, self.sla.latencies, tier, sorted(by_tier))
-            state["sla"] = [note.to_dict()]
+            state.sla = [note]
             if tier != healthy_tier:
                 reason += f"; latency budget {latency_budget.budget_text(note)}: T{tier} instead of T{healthy_tier}"
         decision.tier, decision.wanted_tier, decision.reason = tier, wanted, reason
         decision.healthy_tiers = sorted(by_tier)
-        state["decision"] = decision.to_dict()
         return by_tier[tier]
 
     async def async_pre_call_deployment_hook(self, kwargs: dict, call_type: Any) -> Optional[dict]:
@@ -374,13 +370,13 @@ class RouteNLPCallback(CustomLogger):
         if isinstance(audit, dict) and self._sealed(audit.get("seal"), "audit", audit.get("request_id")):
             tag_audit_call(metadata, self.tier_names, str(audit.get("task") or "unknown"))
         elif metadata is not None:
-            state = self._state({"metadata": metadata})
-            tag_routed_call(metadata, state["decision"] if state else None, self._pinned_tier(metadata) is not None,
+            state = state_of(metadata)
+            tag_routed_call(metadata, state.decision if state else None, self._pinned_tier(metadata) is not None,
                             self.tier_names, self.settings)
         return None
 
-    def _task_label(self, decision: dict[str, Any]) -> str:
-        return task_label(decision.get("task"), decision.get("task_status"), self.settings.tasks)
+    def _task_label(self, decision: RoutingDecision) -> str:
+        return task_label(decision.task, decision.task_status, self.settings.tasks)
 
     def _fallback_direction(self, decision: RoutingDecision) -> str:
         """Outage policy: structured tasks fall back down (T1 + cascade), generation goes up."""
@@ -389,9 +385,16 @@ class RouteNLPCallback(CustomLogger):
 
     # ------------------------------------------------------------------ 3. cascade
     def _deployment_part(self, model_id: str, part: str) -> dict[str, Any]:
-        """``model_info`` or ``litellm_params`` of a deployment, as a plain dict ({} if unknown)."""
+        """``model_info`` or ``litellm_params`` of a deployment, as a plain dict ({} if unknown); read only.
+
+        LiteLLM's ``get_deployment`` builds a pydantic ``Deployment`` from its model-list entry on every
+        call (and the part was then dumped back to a dict): twice per answer, that showed in the
+        proxy's profile.  The entry itself is read through LiteLLM's id index when it is a dict."""
+        router = self.llm_router
         try:
-            deployment = self.llm_router.get_deployment(model_id=model_id)
+            index = getattr(router, "model_id_to_deployment_index_map", None) or {}
+            entry = router.model_list[index[model_id]] if model_id in index else None
+            deployment = entry if isinstance(entry, dict) else router.get_deployment(model_id=model_id)
         except Exception:
             return {}
         if deployment is None:
@@ -429,17 +432,17 @@ class RouteNLPCallback(CustomLogger):
                           latency_ms=latency_ms, model_id=model_id, margin=response_margin(response),
                           text=answer_text(response))
 
-    async def _escalate(self, data: dict, state: dict, tier: int, previous: TierAnswer) -> TierAnswer:
+    async def _escalate(self, data: dict, state: RequestState, tier: int, previous: TierAnswer) -> TierAnswer:
         """Re-ask the same question at ``tier`` through the proxy's router, linked to the parent call."""
         parent = data.get("metadata") or {}
         metadata = {key: parent[key] for key in ESCALATION_METADATA_WHITELIST if key in parent}
-        request_id = state["request_id"]
+        request_id = state.request_id
         metadata[ESCALATION_KEY] = {"tier": tier, "request_id": request_id,
                                     "seal": self._seal("escalation", request_id, tier)}
         # the call id of this escalation is chosen here and listed in the decision record: coopt.logs
         # trusts a spend row's parent link only when the record lists the row's call id
         call_id = str(uuid.uuid4())
-        state.setdefault("escalation_call_ids", {})[str(tier)] = call_id
+        state.escalation_call_ids[tier] = call_id
         inherited = parent.get("spend_logs_metadata")
         metadata["spend_logs_metadata"] = {
             **{k: v for k, v in (inherited if isinstance(inherited, dict) else {}).items()
@@ -455,15 +458,15 @@ class RouteNLPCallback(CustomLogger):
             litellm_call_id=call_id, **forwarded_params(data), logprobs=True, stream=False)
         return self._answer(response, (time.perf_counter() - started) * 1000.0, tier)
 
-    async def _cascade(self, data: dict, state: dict, first: TierAnswer) -> CascadeResult:
-        decision = RoutingDecision.from_dict(state["decision"])
-        remaining = state.get("budget_remaining_usd")
+    async def _cascade(self, data: dict, state: RequestState, first: TierAnswer) -> CascadeResult:
+        decision = state.decision
+        remaining = state.budget_remaining_usd
         policy = await self._policy_for(decision)
         budget = self.sla.budget(decision.task if decision.task_status == "known" else None) if self.sla else None
         notes: list[latency_budget.SlaNote] = []
         if budget is not None:  # each escalation is checked against the time the request has taken
             policy = latency_budget.BudgetedSteps(self.policy, budget, self.sla.latencies,
-                                                  started=state.get("started", time.time()), notes=notes)
+                                                  started=state.started, notes=notes)
         result = await run_cascade(
             first=first, task=decision.task if decision.task_status == "known" else None,
             thresholds=self.thresholds, tier_names=self.tier_names,
@@ -471,23 +474,22 @@ class RouteNLPCallback(CustomLogger):
             ask=lambda tier: self._escalate(data, state, tier, first),
             max_hops=self.settings.max_hops, no_logprobs_policy=self.settings.no_logprobs_policy,
             budget_usd=remaining, policy=policy, acceptance=decision.acceptance)
-        if notes:
-            state.setdefault("sla", []).extend(note.to_dict() for note in notes)
+        state.sla.extend(notes)
         return result
 
-    async def _finish(self, data: dict, state: dict, result: CascadeResult, streamed: bool,
+    async def _finish(self, data: dict, state: RequestState, result: CascadeResult, streamed: bool,
                       cost_known: bool = True) -> None:
         """Remember the outcome for the headers hook and write the durable decision record.
 
         The record is on disk (fsync'd) before the answer leaves; the fsync runs in a worker thread
         so the event loop keeps serving other requests meanwhile.  Every string field is capped by
         the log (``decision_log.FIELD_LIMIT``, with a cut marker)."""
-        decision = state["decision"]
+        decision = state.decision
         logging_off = _message_logging_off(data)
         if logging_off:  # provider errors may quote the prompt: keep only the exception type
             result.attempts = [replace(attempt, error=redact_error(attempt.error)) for attempt in result.attempts]
             result.escalation_error = redact_error(result.escalation_error)
-        state["result"] = {
+        state.result = {
             "final_tier": result.final.tier,
             "path": result.path,
             "uncertainties": [a.uncertainty for a in result.attempts if a.error is None],
@@ -495,57 +497,55 @@ class RouteNLPCallback(CustomLogger):
             "escalation_error": result.escalation_error,
             "escalation_skipped": result.escalation_skipped,
         }
-        escalation_calls = state.get("escalation_call_ids") or {}
         # each tier's call id: the links coopt.logs trusts
-        attempts = tuple(replace(attempt, call_id=state.get("client_call_id") if index == 0
-                                 else escalation_calls.get(str(attempt.tier)))
+        attempts = tuple(replace(attempt, call_id=state.client_call_id if index == 0
+                                 else state.escalation_call_ids.get(attempt.tier))
                          for index, attempt in enumerate(result.attempts))
         names = self.tier_names
         record = DecisionRecord(
-            request_id=state.setdefault("request_id", str(uuid.uuid4())),
-            client_call_id=state.get("client_call_id"),
+            request_id=state.request_id,
+            client_call_id=state.client_call_id,
             ts=datetime.now(timezone.utc).isoformat(),
             outcome="answered",
-            task=decision.get("task"),
-            task_status=decision.get("task_status"),
+            task=decision.task,
+            task_status=decision.task_status,
             router=RouteRecord(
-                probabilities=tier_map(names, decision.get("probabilities", [])),
-                routed_tier=names.get(decision.get("tier") or 0),
-                wanted_tier=names.get(decision.get("wanted_tier") or 0),
-                reason=decision.get("reason"),
-                healthy_tiers=tuple(names.get(t) for t in decision.get("healthy_tiers", [])),
-                router_ms=decision.get("router_ms"),
-                acceptance=tier_map(names, decision.get("acceptance"))),
-            policy=PolicyRecord(name=self.policy.name, lam=decision.get("lam"), threshold=decision.get("threshold"),
-                                start_estimates=decision.get("start_estimates"), stop_reason=result.stop_reason),
+                probabilities=tier_map(names, decision.probabilities),
+                routed_tier=names.get(decision.tier or 0),
+                wanted_tier=names.get(decision.wanted_tier or 0),
+                reason=decision.reason,
+                healthy_tiers=tuple(names.get(t) for t in decision.healthy_tiers),
+                router_ms=decision.router_ms,
+                acceptance=tier_map(names, decision.acceptance)),
+            policy=PolicyRecord(name=self.policy.name, lam=decision.lam, threshold=decision.threshold,
+                                start_estimates=decision.start_estimates, stop_reason=result.stop_reason),
             attempts=attempts,
             final_tier=names.get(result.final.tier),
             total_cost_usd=result.total_cost_usd,
-            total_latency_ms=(time.time() - state.get("started", time.time())) * 1000.0,
+            total_latency_ms=(time.time() - state.started) * 1000.0,
             escalation_error=result.escalation_error,
             escalation_skipped=result.escalation_skipped,
             stream=streamed,
             key_alias=(data.get("metadata") or {}).get("user_api_key_alias"),
             prompt=None if logging_off else query_text(data.get("messages")),
             # budget, expected latency, forced, chosen_instead_of (latency_budget.summarise)
-            extra={"sla": latency_budget.summarise([latency_budget.SlaNote(**n) for n in state["sla"]])}
-            if state.get("sla") else {},
+            extra={"sla": latency_budget.summarise(state.sla)} if state.sla else {},
         )
         await self.decision_log.append_async(record)
-        state["recorded"] = True
-        prometheus_metrics.observe_answer(self._task_label(decision), decision, state["result"], self.tier_names,
+        state.recorded = True
+        prometheus_metrics.observe_answer(self._task_label(decision), decision, state.result, self.tier_names,
                                           router_available=self.router is not None)
-        task = decision.get("task") if decision.get("task_status") == "known" else None
+        task = decision.task if decision.task_status == "known" else None
         if task in self.settings.tasks and self.tiers.eligible(self.tiers.count, task):
             self.audit.maybe_audit(data, state, result.final.text, result.final.tier, self.tiers.count, task,
                                    self.settings.tasks[task].tau, self.tier_names[self.tiers.count])
 
     # ------------------------------------------------------------------ quality feedback (verdicts.py)
-    async def _ask_top_for_audit(self, data: dict, state: dict) -> TierAnswer:
+    async def _ask_top_for_audit(self, data: dict, state: RequestState) -> TierAnswer:
         """The shadow audit's call: the top tier, none of the client's key metadata, tagged routenlp-audit
         (shadow_audit.py says why it is never the client's spend or an escalation)."""
-        top, request_id = self.tiers.count, state["request_id"]
-        task = self._task_label(state["decision"])
+        top, request_id = self.tiers.count, state.request_id
+        task = self._task_label(state.decision)
         metadata = {ESCALATION_KEY: {"tier": top, "request_id": request_id,
                                      "seal": self._seal("escalation", request_id, top)},
                     AUDIT_KEY: {"request_id": request_id, "task": task, "seal": self._seal("audit", request_id)},
@@ -590,13 +590,12 @@ class RouteNLPCallback(CustomLogger):
         state = self._state(data)
         if state is None or not self._is_ours(data.get("model")) or data.get("stream"):
             return None
-        decision = state["decision"]
-        latency = (time.time() - state.get("started", time.time())) * 1000.0
-        first = self._answer(response, latency, decision.get("tier"))
+        latency = (time.time() - state.started) * 1000.0
+        first = self._answer(response, latency, state.decision.tier)
         result = await self._cascade(data, state, first)
         await self._finish(data, state, result, streamed=False)
         final = result.final.response
-        if not state.get("client_logprobs"):
+        if not state.client_logprobs:
             for choice in getattr(final, "choices", None) or []:
                 if hasattr(choice, "logprobs"):
                     choice.logprobs = None
@@ -609,25 +608,25 @@ class RouteNLPCallback(CustomLogger):
         state = self._state(data)
         if state is None or not self._is_ours(data.get("model")) or response is None:
             return None
-        if data.get("stream") and "result" not in state:
+        if data.get("stream") and state.result is None:
             await self._buffer_stream(data, state, response)
-        outcome = state.get("result")
+        outcome = state.result
         if not outcome:
             return None
         try:
             return self._headers(state, outcome)
         except Exception:  # a header must never turn an answered (and recorded) request into a 500
             logger.exception("RouteNLP: building response headers failed")
-            return {"x-routenlp-request-id": state["request_id"]}
+            return {"x-routenlp-request-id": state.request_id}
 
-    def _headers(self, state: dict, outcome: dict) -> dict[str, str]:
+    def _headers(self, state: RequestState, outcome: dict) -> dict[str, str]:
         """``x-routenlp-*`` headers; every value is printable latin-1 (:func:`header_value`)."""
-        decision = state["decision"]
+        decision = state.decision
         names = [self.tier_names.get(t, f"T{t}") for t in outcome["path"]]
         # only a configured task name goes into a header (config.py checks they are header-safe)
-        task = decision.get("task") if decision.get("task_status") == "known" else None
+        task = decision.task if decision.task_status == "known" else None
         headers = {
-            "x-routenlp-request-id": state["request_id"],
+            "x-routenlp-request-id": state.request_id,
             "x-routenlp-tier": self.tier_names.get(outcome["final_tier"], str(outcome["final_tier"])),
             "x-routenlp-path": ",".join(names),
             "x-routenlp-uncertainty": ",".join("-" if u is None else f"{u:.4f}" for u in outcome["uncertainties"]),
@@ -635,8 +634,8 @@ class RouteNLPCallback(CustomLogger):
         }
         if outcome.get("total_cost_usd") is not None:  # a passthrough stream's cost is known at its end
             headers["x-routenlp-total-cost"] = f"{outcome['total_cost_usd']:.8f}"
-        wanted, served = decision.get("wanted_tier"), decision.get("tier")
-        notes = [latency_budget.SlaNote(**n) for n in state.get("sla") or []]
+        wanted, served = decision.wanted_tier, decision.tier
+        notes = state.sla
         sla = latency_budget.header_text(notes, self.tier_names)
         if sla:
             headers["x-routenlp-sla"] = sla
@@ -654,49 +653,49 @@ class RouteNLPCallback(CustomLogger):
             headers["x-routenlp-cascade"] = "off (streaming)"
         return {name: header_value(value) for name, value in headers.items()}
 
-    async def _buffer_stream(self, data: dict, state: dict, stream: Any) -> None:
-        decision = state["decision"]
-        task = decision.get("task") if decision.get("task_status") == "known" else None
+    async def _buffer_stream(self, data: dict, state: RequestState, stream: Any) -> None:
+        decision = state.decision
+        task = decision.task if decision.task_status == "known" else None
         task_settings = self.settings.tasks.get(task) if task else None
         policy = task_settings.cascade_streaming if task_settings else "off"
         if policy == "off":
             # passthrough: the stream goes out as it comes; its record (with the cost of its usage) is
             # written when it ends, in async_post_call_streaming_iterator_hook
-            routed = decision.get("tier") or self.tiers.count
-            state["passthrough"] = True
-            state["result"] = {"final_tier": routed, "path": [routed], "uncertainties": [None],
+            routed = decision.tier or self.tiers.count
+            state.passthrough = True
+            state.result = {"final_tier": routed, "path": [routed], "uncertainties": [None],
                                "total_cost_usd": None, "escalation_error": None, "escalation_skipped": None,
                                "streaming_cascade": "off"}
             return
         started = time.perf_counter()
         buffered = await collect_stream(stream)
-        first = self._answer(buffered.response, (time.perf_counter() - started) * 1000.0, decision.get("tier"),
+        first = self._answer(buffered.response, (time.perf_counter() - started) * 1000.0, decision.tier,
                              usage=buffered.usage)
         result = await self._cascade(data, state, first)
         await self._finish(data, state, result, streamed=True)
         if result.final is first:
-            state["replay"] = buffered.chunks
+            state.replay = buffered.chunks
         else:
-            state["replay"] = chunks_from_response(result.final.response)
-        if not state.get("client_logprobs"):
-            for chunk in state["replay"]:
+            state.replay = chunks_from_response(result.final.response)
+        if not state.client_logprobs:
+            for chunk in state.replay:
                 strip_logprobs(chunk)
 
     async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any, response: Any,
                                                       request_data: dict) -> AsyncGenerator[Any, None]:
         state = self._state(request_data)
-        if state is not None and "replay" in state:
-            for chunk in state["replay"]:
+        if state is not None and state.replay is not None:
+            for chunk in state.replay:
                 yield chunk
             return
-        if state is None or not state.get("passthrough"):
+        if state is None or not state.passthrough:
             async for chunk in response:
                 yield chunk
             return
         async for chunk in self._passthrough(request_data, state, response):
             yield chunk
 
-    async def _passthrough(self, data: dict, state: dict, stream: Any) -> AsyncGenerator[Any, None]:
+    async def _passthrough(self, data: dict, state: RequestState, stream: Any) -> AsyncGenerator[Any, None]:
         """A stream that is not cascaded: logprobs the client did not ask for are removed, and the
         record (priced from the stream's usage) is written before the last chunk leaves."""
         started = time.perf_counter()
@@ -707,17 +706,17 @@ class RouteNLPCallback(CustomLogger):
                 if getattr(chunk, "usage", None) is not None:
                     usage = chunk.usage
                 hidden.update(getattr(chunk, "_hidden_params", None) or {})
-                if not state.get("client_logprobs"):
+                if not state.client_logprobs:
                     strip_logprobs(chunk)
                 if held is not None:
                     yield held
                 held = chunk
         except Exception as error:  # the tier failed mid-stream: the client got part of an answer at most
-            if not state.get("recorded"):
+            if not state.recorded:
                 await self.async_post_call_failure_hook(data, error, None)
             raise
         hidden.update(getattr(stream, "_hidden_params", None) or {})
-        routed = state["decision"].get("tier") or self.tiers.count
+        routed = state.decision.tier or self.tiers.count
         holder = type("Streamed", (), {})()
         holder._hidden_params = hidden
         tier, model_id = self._tier_of_response(holder)
@@ -730,7 +729,7 @@ class RouteNLPCallback(CustomLogger):
                                        uncertainty=None, threshold=None, cost_usd=cost,
                                        latency_ms=first.latency_ms))
         await self._finish(data, state, result, streamed=True)
-        state["result"]["streaming_cascade"] = "off"
+        state.result["streaming_cascade"] = "off"
         if held is not None:
             yield held
 
@@ -770,24 +769,24 @@ class RouteNLPCallback(CustomLogger):
             return None
         error = (type(original_exception).__name__ if _message_logging_off(request_data)
                  else f"{type(original_exception).__name__}: {str(original_exception)[:300]}")
-        if state.get("recorded"):
+        if state.recorded:
             # the answer was recorded, then the request failed on its way out: the client did not get it,
             # so a second record retracts the first (coopt.logs drops a request retracted so)
             await self.decision_log.append_async(DecisionRecord(
-                request_id=state["request_id"], client_call_id=state.get("client_call_id"),
+                request_id=state.request_id, client_call_id=state.client_call_id,
                 ts=datetime.now(timezone.utc).isoformat(), outcome="failed_after_answer", error=error))
             return None
-        decision = state["decision"]
+        decision = state.decision
         await self.decision_log.append_async(DecisionRecord(
-            request_id=state["request_id"], client_call_id=state.get("client_call_id"),
-            ts=datetime.now(timezone.utc).isoformat(), outcome="failed", task=decision.get("task"),
-            task_status=decision.get("task_status"),
-            router=RouteRecord(probabilities=tier_map(self.tier_names, decision.get("probabilities")),
-                               routed_tier=self.tier_names.get(decision.get("tier") or 0),
-                               router_ms=decision.get("router_ms")),
+            request_id=state.request_id, client_call_id=state.client_call_id,
+            ts=datetime.now(timezone.utc).isoformat(), outcome="failed", task=decision.task,
+            task_status=decision.task_status,
+            router=RouteRecord(probabilities=tier_map(self.tier_names, decision.probabilities),
+                               routed_tier=self.tier_names.get(decision.tier or 0),
+                               router_ms=decision.router_ms),
             error=error))
-        state["recorded"] = True
-        prometheus_metrics.observe_failure(self._task_label(state["decision"]))
+        state.recorded = True
+        prometheus_metrics.observe_failure(self._task_label(decision))
         return None
 
 

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Optional
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .routing import RoutingDecision
+
 logger = logging.getLogger("litellm_routenlp")
 
 UNCERTAINTY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (1.0,)
@@ -75,12 +77,11 @@ _server_lock = threading.Lock()
 _servers: dict[tuple[str, int], Any] = {}
 
 
-def observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any], tier_names: dict[int, str],
+def observe_answer(task: str, decision: RoutingDecision, outcome: dict[str, Any], tier_names: dict[int, str],
                    router_available: bool = True) -> None:
     """Count one answered request: its tier, escalations, hops, uncertainties, router time, degradation.
 
-    ``decision`` is the routing decision (``RoutingDecision.to_dict``), ``outcome`` the plugin's
-    ``state["result"]`` (``path`` and ``uncertainties`` aligned, tiers as numbers).  Never raises: the
+    ``decision`` is the routing decision, ``outcome`` the plugin's ``RequestState.result`` (``path`` and ``uncertainties`` aligned, tiers as numbers).  Never raises: the
     request is answered and recorded by now, and a metric must not turn it into an error."""
     try:
         _observe_answer(task, decision, outcome, tier_names, router_available)
@@ -88,7 +89,7 @@ def observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any],
         logger.exception("RouteNLP: updating Prometheus metrics failed")
 
 
-def _observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any], tier_names: dict[int, str],
+def _observe_answer(task: str, decision: RoutingDecision, outcome: dict[str, Any], tier_names: dict[int, str],
                     router_available: bool) -> None:
     name = lambda tier: tier_names.get(tier, f"T{tier}")  # noqa: E731
     path = [tier for tier in outcome.get("path") or [] if isinstance(tier, int)]
@@ -100,10 +101,10 @@ def _observe_answer(task: str, decision: dict[str, Any], outcome: dict[str, Any]
     for tier, uncertainty in zip(path, outcome.get("uncertainties") or []):
         if uncertainty is not None:
             UNCERTAINTY.labels(task=task, tier=name(tier)).observe(float(uncertainty))
-    router_ms = decision.get("router_ms")
+    router_ms = decision.router_ms
     if isinstance(router_ms, (int, float)):
         ROUTER_LATENCY.labels(task=task).observe(router_ms / 1000.0)
-    wanted, served = decision.get("wanted_tier"), decision.get("tier")
+    wanted, served = decision.wanted_tier, decision.tier
     if wanted and served and wanted != served:
         DEGRADED.labels(task=task, wanted_tier=name(wanted), served_tier=name(served)).inc()
     if not router_available:

@@ -33,7 +33,10 @@ import random
 import secrets
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+
+if TYPE_CHECKING:
+    from .request_state import RequestState
 
 logger = logging.getLogger("litellm_routenlp")
 
@@ -97,7 +100,7 @@ class ShadowAudit:
         self._store = store            # (request_id, acceptable, **audit fields) -> stored record
         self.tasks: set[asyncio.Task] = set()  # strong references: a bare create_task may be collected
 
-    def maybe_audit(self, data: dict, state: dict, answer_text: Optional[str], final_tier: int, top_tier: int,
+    def maybe_audit(self, data: dict, state: "RequestState", answer_text: Optional[str], final_tier: int, top_tier: int,
                     task: Optional[str], tau: Optional[float], top_name: str) -> bool:
         if answer_text is None or final_tier >= top_tier or tau is None or not self.budget.take():
             return False
@@ -106,16 +109,16 @@ class ShadowAudit:
         job.add_done_callback(self.tasks.discard)
         return True
 
-    async def _run(self, data: dict, state: dict, answer_text: str, task: Optional[str], tau: float,
+    async def _run(self, data: dict, state: "RequestState", answer_text: str, task: Optional[str], tau: float,
                    top_name: str) -> None:
         await asyncio.sleep(0)  # let the request that scheduled this finish first
         try:
             top = await self._ask_top(data, state)
             if top.text is None:
-                logger.info("RouteNLP: audit of %s: the top tier returned no text", state["request_id"])
+                logger.info("RouteNLP: audit of %s: the top tier returned no text", state.request_id)
                 return
             acceptable, score, metric = audit_score(task, answer_text, top.text, tau)
-            await self._store(state["request_id"], acceptable, score=round(score, 6), metric=metric,
+            await self._store(state.request_id, acceptable, score=round(score, 6), metric=metric,
                               reference_tier=top_name)
         except Exception as error:  # an audit is never worth an error anywhere else
-            logger.warning("RouteNLP: audit of %s failed: %s", state.get("request_id"), type(error).__name__)
+            logger.warning("RouteNLP: audit of %s failed: %s", state.request_id, type(error).__name__)

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Optional
 
 from .request_fields import RequestError, resolve_task
+from .routing import RoutingDecision
 
 TAG_PREFIX = "routenlp-"
 TIER_TAG = TAG_PREFIX + "tier:"
@@ -91,25 +92,25 @@ def call_metadata(kwargs: Mapping[str, Any], alias: str) -> Optional[dict[str, A
     return None
 
 
-def tag_routed_call(metadata: dict[str, Any], decision: Optional[Mapping[str, Any]], escalated: bool,
+def tag_routed_call(metadata: dict[str, Any], decision: Optional[RoutingDecision], escalated: bool,
                     tier_names: Mapping[int, str], settings: Any) -> None:
     """Tag a call whose deployment LiteLLM has chosen: its tier (from the deployment), task, and whether it
     is one of the plugin's escalations or served below/above the tier the router wanted (degraded).
 
-    ``decision`` is the plugin's sealed routing decision of the request (None on an escalation call,
+    ``decision`` is the plugin's routing decision of the request (request_state.py) (None on an escalation call,
     whose task is re-resolved from the whitelisted ``task`` field the same way the door resolves it)."""
     tier = (metadata.get("model_info") or {}).get("routenlp_tier")
     if not isinstance(tier, int) or isinstance(tier, bool):
         return
     if decision is not None:
-        task = task_label(decision.get("task"), decision.get("task_status"), settings.tasks)
+        task = task_label(decision.task, decision.task_status, settings.tasks)
     else:
         try:
             name, status = resolve_task(metadata, settings)
         except RequestError:
             name, status = None, "missing"
         task = task_label(name, status, settings.tasks)
-    wanted = decision.get("wanted_tier") if decision is not None else None
+    wanted = decision.wanted_tier if decision is not None else None
     degraded = not escalated and isinstance(wanted, int) and wanted != tier
     tag_call(metadata, tier_names.get(tier, f"T{tier}"), task, escalated=escalated, degraded=degraded)
 

@@ -15,6 +15,8 @@ from litellm_routenlp.config import SettingsError
 from litellm_routenlp.decision_log import read_decisions
 from litellm_routenlp.plugin import RouteNLPCallback
 from litellm_routenlp.proxy_process import ProxyProcess
+from litellm_routenlp.request_state import RequestState
+from litellm_routenlp.routing import RoutingDecision
 
 from conftest import write_proxy_config
 
@@ -72,8 +74,8 @@ def test_fail_open_routes_everything_to_the_top_tier(tmp_path):
 def _finish_one(callback, prompt):
     data = {"litellm_call_id": "call-1", "messages": [{"role": "user", "content": prompt}],
             "metadata": {}}
-    state = {"decision": {"task": "bitext", "task_status": "known", "probabilities": [0, 0.5, 0.5, 0],
-                          "tier": 2, "healthy_tiers": [2, 3, 4], "router_ms": 1.0}, "started": 0.0}
+    state = RequestState(decision=RoutingDecision(task="bitext", task_status="known", probabilities=[0, 0.5, 0.5, 0],
+                                                  tier=2, healthy_tiers=[2, 3, 4], router_ms=1.0), started=0.0)
     first = TierAnswer(tier=2, response=None, uncertainty=0.2, cost_usd=0.01, latency_ms=5.0)
     result = CascadeResult(final=first)
     result.attempts.append(Attempt(tier=2, tier_name="T2", model_id="t2", uncertainty=0.2, threshold=0.3,
@@ -92,7 +94,7 @@ def test_prompt_is_logged_only_when_litellm_message_logging_is_on(tmp_path, monk
     assert records[0]["prompt"] == "my secret account number is 123"
     assert "prompt" not in records[1]
     assert "quokka" not in (tmp_path / "decisions.jsonl").read_text()
-    assert state["result"]["total_cost_usd"] == pytest.approx(0.01)
+    assert state.result["total_cost_usd"] == pytest.approx(0.01)
     assert records[1]["final_tier"] == "T2" and records[1]["attempts"][0]["threshold"] == 0.3
 
 

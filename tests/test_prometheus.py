@@ -35,6 +35,13 @@ from test_spend_tags import _callback, mock_deployments, one_request
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _decision(**fields):
+    """A routing decision as the plugin hands it to the metrics (task fields do not matter here)."""
+    from litellm_routenlp.routing import RoutingDecision
+
+    return RoutingDecision("test", "known", [], **fields)
+
+
 def scrape(url: str, key: str | None = None) -> dict[tuple[str, frozenset], float]:
     """Samples of an exposition page, parsed by prometheus-client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -118,7 +125,7 @@ def test_metrics_port_serves_the_counters_on_loopback() -> None:
     port = free_port()
     assert pm.start_metrics_server(port) is True
     assert pm.start_metrics_server(port) is True        # once per process: a second call is a no-op
-    pm.observe_answer("clinc150", {"router_ms": 2.0, "tier": 1, "wanted_tier": 1},
+    pm.observe_answer("clinc150", _decision(router_ms=2.0, tier=1, wanted_tier=1),
                       {"final_tier": 1, "path": [1], "uncertainties": [0.2]}, {1: "T1"})
     samples = scrape(f"http://127.0.0.1:{port}/metrics")
     assert value(samples, "routenlp_requests_total", task="clinc150", tier="T1") == \
@@ -129,8 +136,9 @@ def test_metrics_port_serves_the_counters_on_loopback() -> None:
 WORKER = textwrap.dedent("""
     import sys
     from litellm_routenlp import prometheus_metrics as pm
+    from litellm_routenlp.routing import RoutingDecision
     for _ in range(int(sys.argv[1])):
-        pm.observe_answer("bitext", {"router_ms": 1.0, "tier": 2, "wanted_tier": 2},
+        pm.observe_answer("bitext", RoutingDecision("bitext", "known", [0.0, 1.0], router_ms=1.0, tier=2, wanted_tier=2),
                           {"final_tier": 4, "path": [2, 4], "uncertainties": [0.6, 0.1]}, {2: "T2", 4: "T4"})
 """)
 SERVER = textwrap.dedent("""
@@ -254,7 +262,7 @@ def test_litellms_own_metrics_endpoint_shows_our_counters_per_task_and_tier(metr
 
 def test_a_malformed_outcome_is_logged_not_raised(caplog) -> None:
     before = pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"})
-    pm.observe_answer("bitext", {"router_ms": "not-a-number", "tier": 2}, {"final_tier": 2, "path": [2],
+    pm.observe_answer("bitext", _decision(router_ms="not-a-number", tier=2), {"final_tier": 2, "path": [2],
                                                                             "uncertainties": ["bad"]}, {2: "T2"})
     assert "updating Prometheus metrics failed" in caplog.text
     assert pm.sample("routenlp_requests_total", {"task": "bitext", "tier": "T2"}) == before + 1  # counted first

@@ -414,14 +414,14 @@ def test_outage_direction_at_the_filter_hook(tmp_path, task, probabilities, down
 
     callback, document = _callback(tmp_path)
     decision = {"task": task, "task_status": "known", "probabilities": probabilities, "router_ms": 1.0}
-    # the state the pre-call hook would have written (sealed: an unsealed one is ignored, issue 11)
+    # the state the pre-call hook would have made (an object: a client's JSON cannot be one, issue 11)
     metadata = {STATE_KEY: callback._new_state(RoutingDecision.from_dict(decision), {})}
     kept = asyncio.run(callback.async_filter_deployments(
         "routenlp", _deployments(document, without=down), [{"role": "user", "content": "x"}],
         request_kwargs={"metadata": metadata}))
     assert {d["model_info"]["routenlp_tier"] for d in kept} == {served}
-    state = metadata[STATE_KEY]["decision"]
-    assert state["tier"] == served and (state["wanted_tier"] != served) == degraded
+    state = metadata[STATE_KEY].decision
+    assert state.tier == served and (state.wanted_tier != served) == degraded
 
 
 def _mock_deployments(uncertain_tiers=(1, 3)):

@@ -344,7 +344,7 @@ def test_start_over_budget_at_the_filter_hook(tmp_path, task, probabilities, dow
     headers = callback._headers(state, {"final_tier": served, "path": [served], "uncertainties": [0.1]})
     assert (headers.get("x-routenlp-sla") or "").startswith(sla or "") and (sla is None) == ("x-routenlp-sla" not in headers)
     assert headers.get("x-routenlp-degraded") == degraded, headers
-    assert state["sla"][0]["forced"] == (sla is not None)
+    assert state.sla[0].forced == (sla is not None)
 
 
 @pytest.mark.needs(artifacts=["encoder/model.onnx"])
