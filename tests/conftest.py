@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +90,24 @@ def start_upstream():
 # ----------------------------------------------------------------------------------------- shared helpers
 # Plain functions (tests import them: ``from conftest import write_proxy_config``) because they are
 # called from parametrised lambdas and module-scoped fixtures alike.
+
+
+@contextlib.contextmanager
+def running_proxy(config: Path, work: Path, env: dict | None = None, timeout: float = 240):
+    """A real ``litellm --config`` proxy on 127.0.0.1 serving ``config`` from the repo root, stopped on exit.
+
+    ``decision_log`` / ``stdout_log`` name the files tests read: the configs written here put the
+    decision log at ``work/decisions.jsonl``; the proxy's output goes to ``work/proxy.log``."""
+    from litellm_routenlp.proxy_process import ProxyProcess
+
+    process = ProxyProcess(config, log_path=Path(work) / "proxy.log", cwd=ROOT, env=env)
+    process.start(timeout=timeout)
+    process.decision_log = Path(work) / "decisions.jsonl"
+    process.stdout_log = Path(work) / "proxy.log"
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def write_proxy_config(directory: Path, mutate=None, thresholds_path: Path | None = None,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from litellm_routenlp.decision_log import read_decisions
-from litellm_routenlp.proxy_process import ProxyProcess
+from conftest import running_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -63,14 +63,9 @@ def proxy(tmp_path_factory):
         document["routenlp_settings"]["tasks"]["bitext"]["cascade_streaming"] = "off"
 
     config = write_proxy_config(work, mutate, thresholds_path=work / "thresholds.json")
-    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
-                           env={"SPEND_PROBE_PATH": str(work / "spend_rows.jsonl"),
-                                "ROUTENLP_ARTIFACTS_DIR": str(ROOT / "artifacts")})
-    process.start(timeout=240)
-    process.decision_log = work / "decisions.jsonl"
-    process.spend_rows = work / "spend_rows.jsonl"
-    yield process
-    process.stop()
+    with running_proxy(config, work, env={"SPEND_PROBE_PATH": str(work / "spend_rows.jsonl")}) as process:
+        process.spend_rows = work / "spend_rows.jsonl"
+        yield process
 
 
 @pytest.fixture(scope="module")

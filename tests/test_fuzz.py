@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from litellm_routenlp.decision_log import read_decisions, was_cut
-from litellm_routenlp.proxy_process import ProxyProcess
+from conftest import running_proxy
 from litellm_routenlp.request_fields import normalise_task_name
 
 pytestmark = pytest.mark.proxy
@@ -50,12 +50,8 @@ def proxy(tmp_path_factory):
     settings_["unknown_task_policy"] = "reject"
     config = work / "proxy_config.yaml"
     config.write_text(yaml.safe_dump(document, sort_keys=False))
-    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT)
-    process.start(timeout=240)
-    process.decision_log = work / "decisions.jsonl"
-    process.stdout_log = work / "proxy.log"
-    yield process
-    process.stop()
+    with running_proxy(config, work) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from litellm_routenlp.config import SettingsError
 from litellm_routenlp.decision_log import read_decisions
 from litellm_routenlp.plugin import RouteNLPCallback
 from litellm_routenlp.policy import STOP_REASONS
-from litellm_routenlp.proxy_process import ProxyProcess
 
-from conftest import write_proxy_config
+from conftest import running_proxy, write_proxy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDA = 0.05
@@ -81,13 +80,9 @@ def certified_policy_file(tmp_path: Path, name: str = "cascade_routing") -> Path
 def cascade_proxy(request, tmp_path_factory):
     work = tmp_path_factory.mktemp("policy-proxy")
     config = write_config(work, thresholds_path=certified_policy_file(work, request.param))
-    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
-                           env={"ROUTENLP_ARTIFACTS_DIR": str(ROOT / "artifacts")})
-    process.start(timeout=240)
-    process.decision_log = work / "decisions.jsonl"
-    process.policy_name = request.param
-    yield process
-    process.stop()
+    with running_proxy(config, work) as process:
+        process.policy_name = request.param
+        yield process
 
 
 @pytest.mark.proxy

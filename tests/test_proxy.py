@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from litellm_routenlp.decision_log import read_decisions
-from litellm_routenlp.proxy_process import ProxyProcess
+from conftest import running_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -61,12 +61,8 @@ def proxy(tmp_path_factory):
     settings["decision_log_path"] = str(work / "decisions.jsonl")
     config = work / "proxy_config.yaml"
     config.write_text(yaml.safe_dump(document, sort_keys=False))
-    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT,
-                           env={"ROUTENLP_ARTIFACTS_DIR": str(ROOT / "artifacts")})
-    process.start(timeout=240)
-    process.decision_log = work / "decisions.jsonl"
-    yield process
-    process.stop()
+    with running_proxy(config, work) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

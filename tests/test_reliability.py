@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from litellm_routenlp.decision_log import DecisionLog, read_decisions
-from litellm_routenlp.proxy_process import ProxyProcess
+from conftest import running_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 COOLDOWN = 6          # seconds a failing deployment stays out (router_settings.cooldown_time)
@@ -74,12 +74,8 @@ def fake_t3(start_upstream):
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory, fake_t3):
     work = tmp_path_factory.mktemp("reliability")
-    process = ProxyProcess(outage_config(work, fake_t3.api_base(3)), log_path=work / "proxy.log", cwd=ROOT)
-    process.start(timeout=240)
-    process.decision_log = work / "decisions.jsonl"
-    process.stdout_log = work / "proxy.log"
-    yield process
-    process.stop()
+    with running_proxy(outage_config(work, fake_t3.api_base(3)), work) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

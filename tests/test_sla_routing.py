@@ -175,7 +175,7 @@ def upstream(start_upstream):
 
 @pytest.fixture(scope="module")
 def sla_proxy(tmp_path_factory, upstream):
-    from litellm_routenlp.proxy_process import ProxyProcess
+    from conftest import running_proxy
 
     work = tmp_path_factory.mktemp("sla")
     prices = {1: 0.00001, 2: 0.0001, 3: 0.0008, 4: 0.008}
@@ -200,11 +200,8 @@ def sla_proxy(tmp_path_factory, upstream):
     }
     config = work / "proxy_config.yaml"
     config.write_text(yaml.safe_dump(document, sort_keys=False))
-    process = ProxyProcess(config, log_path=work / "proxy.log", cwd=ROOT)
-    process.start(timeout=240)
-    process.decision_log = work / "decisions.jsonl"
-    yield process
-    process.stop()
+    with running_proxy(config, work) as process:
+        yield process
 
 
 def _send(proxy, text, task):
