@@ -391,6 +391,21 @@ def _deployments(document, without=()):
             if d["model_info"]["routenlp_tier"] not in without]
 
 
+def filter_for(callback, document, task, probabilities, down):
+    """(deployments kept, the request's state) when the filter hook sees a request the router sent to
+    ``probabilities`` while the tiers in ``down`` are unhealthy."""
+    from litellm_routenlp.plugin import STATE_KEY
+    from litellm_routenlp.routing import RoutingDecision
+
+    decision = RoutingDecision(task=task, task_status="known", probabilities=probabilities, router_ms=1.0)
+    # the state the pre-call hook would have made (an object: a client's JSON cannot be one, issue 11)
+    metadata = {STATE_KEY: callback._new_state(decision, {})}
+    kept = asyncio.run(callback.async_filter_deployments(
+        "routenlp", _deployments(document, without=down), [{"role": "user", "content": "x"}],
+        request_kwargs={"metadata": metadata}))
+    return kept, metadata[STATE_KEY]
+
+
 @pytest.mark.parametrize("task, probabilities, down, served, degraded", [
     # structured task, router wants T3, T3 down: the nearest cheaper healthy tier (T1; T2 is not eligible)
     ("clinc150", [0.1, 0.0, 0.8, 0.1], {3}, 1, True),
@@ -405,19 +420,10 @@ def _deployments(document, without=()):
     ("bitext", [0.0, 0.1, 0.8, 0.1], {4}, 3, False),
 ])
 def test_outage_direction_at_the_filter_hook(tmp_path, task, probabilities, down, served, degraded):
-    from litellm_routenlp.plugin import STATE_KEY
-    from litellm_routenlp.routing import RoutingDecision
-
     callback, document = _callback(tmp_path)
-    decision = {"task": task, "task_status": "known", "probabilities": probabilities, "router_ms": 1.0}
-    # the state the pre-call hook would have made (an object: a client's JSON cannot be one, issue 11)
-    metadata = {STATE_KEY: callback._new_state(RoutingDecision.from_dict(decision), {})}
-    kept = asyncio.run(callback.async_filter_deployments(
-        "routenlp", _deployments(document, without=down), [{"role": "user", "content": "x"}],
-        request_kwargs={"metadata": metadata}))
+    kept, state = filter_for(callback, document, task, probabilities, down)
     assert {d["model_info"]["routenlp_tier"] for d in kept} == {served}
-    state = metadata[STATE_KEY].decision
-    assert state.tier == served and (state.wanted_tier != served) == degraded
+    assert state.decision.tier == served and (state.decision.wanted_tier != served) == degraded
 
 
 def _mock_deployments(uncertain_tiers=(1, 3)):

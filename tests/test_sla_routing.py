@@ -319,10 +319,7 @@ def test_bench_simulation_with_a_budget_moves_queries_off_a_slow_tier():
     ("banking77", [0.1, 0.0, 0.8, 0.1], set(), {3: 100.0}, 3, None, None),
 ])
 def test_start_over_budget_at_the_filter_hook(tmp_path, task, probabilities, down, slow, served, sla, degraded):
-    from test_reliability import _callback, _deployments
-
-    from litellm_routenlp.plugin import STATE_KEY
-    from litellm_routenlp.routing import RoutingDecision
+    from test_reliability import _callback, filter_for
 
     def mutate(document):
         for name in ("banking77", "bitext"):
@@ -331,13 +328,8 @@ def test_start_over_budget_at_the_filter_hook(tmp_path, task, probabilities, dow
     callback, document = _callback(tmp_path, mutate)
     for tier, ms in slow.items():
         callback.sla.latencies.observe(tier, ms)
-    decision = {"task": task, "task_status": "known", "probabilities": probabilities, "router_ms": 1.0}
-    metadata = {STATE_KEY: callback._new_state(RoutingDecision.from_dict(decision), {})}
-    kept = asyncio.run(callback.async_filter_deployments(
-        "routenlp", _deployments(document, without=down), [{"role": "user", "content": "x"}],
-        request_kwargs={"metadata": metadata}))
+    kept, state = filter_for(callback, document, task, probabilities, down)
     assert {d["model_info"]["routenlp_tier"] for d in kept} == {served}
-    state = metadata[STATE_KEY]
     headers = callback._headers(state, {"final_tier": served, "path": [served], "uncertainties": [0.1]})
     assert (headers.get("x-routenlp-sla") or "").startswith(sla or "") and (sla is None) == ("x-routenlp-sla" not in headers)
     assert headers.get("x-routenlp-degraded") == degraded, headers
