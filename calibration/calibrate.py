@@ -328,7 +328,9 @@ def calibrate(allpairs_path: Union[PathLike, Sequence[AllPairsRecord]], portfoli
         "fitted_under": fitted_under(router_sha, router_quantized if router_artifact is not None else None,
                                      no_logprobs_policy, max_hops,
                                      {task: {"tau": spec.tau, "kind": spec.kind} for task, spec in portfolio.tasks.items()},
-                                     route_confidence if router_artifact is not None else None),
+                                     route_confidence if router_artifact is not None else None,
+                                     router=getattr(router_used, "router_spec", None) if router_artifact is not None
+                                     else None),
         "thresholds": fit_thresholds(chosen, portfolio, start_tiers, alpha, rule, max_hops, no_logprobs_policy),
     }
     if out_path is not None:
@@ -390,7 +392,8 @@ def calibrate_cascade_routing(allpairs_path: Union[PathLike, Sequence[AllPairsRe
         "router_artifact": router_name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "fitted_under": fitted_under(router_sha, router_quantized, no_logprobs_policy, max_hops,
-                                     {task: {"tau": spec.tau, "kind": spec.kind} for task, spec in portfolio.tasks.items()}),
+                                     {task: {"tau": spec.tau, "kind": spec.kind} for task, spec in portfolio.tasks.items()},
+                                     router=getattr(router_used, "router_spec", None)),
     }
     for task, entry in document["tasks"].items():
         if not entry["certificate"]["certified"]:

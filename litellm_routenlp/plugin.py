@@ -808,7 +808,7 @@ def load_serving_policy(settings: RouteNLPSettings, router: Optional[Router]) ->
     if mismatched:
         fitted = document.get("fitted_under") or {}
         raise PolicyError(f"{path}: fitted under other settings than these: {', '.join(mismatched)} "
-                          f"(fitted under: router_sha256={fitted.get('router_sha256')}, "
+                          f"(fitted under: router_sha256={fitted.get('router_sha256')}, router={fitted.get('router')}, "
                           f"router_quantized={fitted.get('router_quantized')}, max_hops={fitted.get('max_hops')}, "
                           f"no_logprobs_policy={fitted.get('no_logprobs_policy')}, "
                           f"route_confidence={fitted.get('route_confidence')}); re-run `routenlp calibrate` "

@@ -640,9 +640,14 @@ def router_sha256(artifact_dir: str | os.PathLike[str]) -> str:
 
 def fitted_under(router_sha: Optional[str], router_quantized: Optional[bool], no_logprobs_policy: str,
                  max_hops: int, tasks: Mapping[str, Mapping[str, Any]],
-                 route_confidence: Optional[float] = None) -> dict[str, Any]:
-    """The ``fitted_under`` block of a policy file: what the decisions were fitted under."""
-    return {"router_sha256": router_sha, "router_quantized": router_quantized,
+                 route_confidence: Optional[float] = None,
+                 router: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The ``fitted_under`` block of a policy file: what the decisions were fitted under.
+
+    ``router`` is the router's ``{kind, options}`` (``routers.spec_record``; None: not known, e.g. a
+    router object built outside the registry)."""
+    return {"router_sha256": router_sha, "router": None if router is None else dict(router),
+            "router_quantized": router_quantized,
             "no_logprobs_policy": no_logprobs_policy, "max_hops": int(max_hops),
             "route_confidence": route_confidence,
             "tasks": {task: {"tau": float(spec["tau"]), "kind": str(spec["kind"])} for task, spec in tasks.items()}}
@@ -660,6 +665,14 @@ def check_fitted_under(document: Mapping[str, Any], settings: Any, router_sha: O
     out = []
     if fitted.get("router_sha256") is not None and router_sha is not None and fitted["router_sha256"] != router_sha:
         out.append("router_sha256")
+    recorded_router = fitted.get("router")
+    if isinstance(recorded_router, Mapping):  # the kind (and options) the decisions were replayed with
+        from .routers import spec_record
+
+        served_router = spec_record(_setting(settings, "router"))
+        for key in ("kind", "options"):
+            if recorded_router.get(key) is not None and recorded_router.get(key) != served_router[key]:
+                out.append(f"router.{key}")
     for key in ("router_quantized", "no_logprobs_policy", "max_hops", "route_confidence"):
         recorded = fitted.get(key)
         if recorded is None or (key == "route_confidence" and document.get("policy") in ("cascade_routing", "posterior_threshold")):

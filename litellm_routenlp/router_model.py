@@ -140,6 +140,9 @@ def _resolve_encoder_dir(artifact_dir: Path, meta: dict[str, Any], encoder_dir: 
 class RouterModel:
     """A loaded, validated router.  Build it with :meth:`load`; nothing is trained here."""
 
+    # the registry kind this class serves (routers.py); a policy file calibrated on it records this
+    router_spec = {"kind": "encoder_head", "options": {}}
+
     def __init__(self, artifact_dir: Path, meta: dict[str, Any], session: Any,
                  encoder: Optional[OnnxSentenceEncoder]) -> None:
         self.artifact_dir = artifact_dir

@@ -105,7 +105,20 @@ def build_router(settings: Any) -> Router:
     if not isinstance(router, Router):
         raise RouterSettingError("kind", f"router kind {spec.kind!r} built a {type(router).__name__}, which lacks "
                                          "tiers / tasks / artifact_dir / max_chars / blocking / predict")
+    try:  # what a policy file calibrated on this router records (policy.fitted_under "router")
+        router.router_spec = spec_record(spec)
+    except AttributeError:  # a router object that takes no new attributes: its files record no kind
+        pass
     return router
+
+
+def spec_record(spec: Any) -> dict[str, Any]:
+    """``{kind, options}`` of a ``routenlp_settings.router`` value (None: the default kind)."""
+    kind = getattr(spec, "kind", None) if spec is not None else None
+    options = getattr(spec, "options", None) if spec is not None else None
+    if isinstance(spec, Mapping):
+        kind, options = spec.get("kind"), spec.get("options")
+    return {"kind": kind or DEFAULT_KIND, "options": dict(options or {})}
 
 
 @register_router(DEFAULT_KIND)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -239,3 +240,23 @@ def test_a_policy_file_calibrated_under_a_kind_is_served_with_that_kind(demo, ki
     assert callback.thresholds.delta("T2", "bitext") is not None
     decision = callback.decide([{"role": "user", "content": "where is my card?"}], {"task": "banking77"})
     assert decision.probabilities == [0.0, 1.0, 0.0, 0.0]
+    assert json.loads(path.read_text())["fitted_under"]["router"] == {"kind": KIND, "options": {"tier": 2}}
+
+
+def test_a_policy_file_is_refused_by_a_proxy_serving_another_router_kind(demo, kind_module, tmp_path):
+    """The kind and options the decisions were replayed with are part of what a file was fitted under."""
+    from conftest import write_proxy_config
+    from litellm_routenlp.config import SettingsError
+    from litellm_routenlp.plugin import RouteNLPCallback
+
+    records, portfolio, _ = demo
+    path = tmp_path / "policy.json"
+    _quiet(calibrate, records, portfolio, router_artifact=ARTIFACTS / "router",
+           router={"kind": KIND, "module": kind_module, "options": {"tier": 2}}, out_path=path)
+    for served, field in (({}, "router.kind"),   # the default kind: the trained router
+                          ({"kind": KIND, "module": kind_module, "options": {"tier": 3}}, "router.options")):
+        with pytest.raises(SettingsError, match=rf"fitted under other settings than these: {re.escape(field)}"):
+            RouteNLPCallback.from_config(write_proxy_config(tmp_path, thresholds_path=path, router=served))
+    # the shipped file, calibrated on the trained router (encoder_head), is served by the default kind
+    assert json.loads((ARTIFACTS / "thresholds.json").read_text())["fitted_under"].get("router") in (
+        None, {"kind": "encoder_head", "options": {}})
