@@ -16,9 +16,10 @@ Hook order for a request to the alias (``routenlp`` by default):
 
 Nothing the client sends is read back as plugin state.  At the door (``async_pre_call_hook``) every
 ``routenlp*`` metadata key and ``routenlp-*`` tag the client sent is removed (:func:`strip_client_plugin_fields`).
-The plugin's own per-request state and the tier pin of its escalation calls carry a seal, an HMAC
-with a secret drawn once per process (``secrets.token_bytes``), over the plugin's request id
-(a fresh uuid4) and, for a pin, the tier: a body cannot produce a valid seal, so a client-set
+The plugin's own per-request state is a Python object (``request_state.RequestState``), which no
+JSON body can make.  The tier pin of its escalation calls (and the shadow audit's marker) carries a
+seal, an HMAC with a secret drawn once per process (``secrets.token_bytes``), over the plugin's
+request id (a fresh uuid4) and the tier: a body cannot produce a valid seal, so a client-set
 ``routenlp_escalation_tier`` (or a forged state) is ignored even on a path that skipped the door.
 The record's ``request_id`` is that uuid4; the client's ``x-litellm-call-id`` is kept apart as
 ``client_call_id``.
@@ -133,7 +134,7 @@ class RouteNLPCallback(CustomLogger):
         self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
         self._router_offload = router is not None and router.blocking
         self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
-        self._secret = secrets.token_bytes(32)  # seals plugin state; never leaves the process
+        self._secret = secrets.token_bytes(32)  # seals escalation pins and audit markers; never leaves the process
         # SLA-aware routing (latency_budget.py): None when no task declares latency_budget_ms
         self.sla = latency_budget.SlaGuard.from_settings(settings)
         # quality feedback (issue 13 item 4): verdict records joined to the decision log, shadow audit
@@ -664,8 +665,8 @@ class RouteNLPCallback(CustomLogger):
             routed = decision.tier or self.tiers.count
             state.passthrough = True
             state.result = {"final_tier": routed, "path": [routed], "uncertainties": [None],
-                               "total_cost_usd": None, "escalation_error": None, "escalation_skipped": None,
-                               "streaming_cascade": "off"}
+                            "total_cost_usd": None, "escalation_error": None, "escalation_skipped": None,
+                            "streaming_cascade": "off"}
             return
         started = time.perf_counter()
         buffered = await collect_stream(stream)

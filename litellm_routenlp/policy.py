@@ -55,6 +55,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Protocol, Sequenc
 
 import numpy as np
 
+from .routers import spec_record
 from .routing import choose_tier, next_tier_above
 
 NO_LOGPROBS_POLICIES = ("trust_router", "escalate")
@@ -667,8 +668,6 @@ def check_fitted_under(document: Mapping[str, Any], settings: Any, router_sha: O
         out.append("router_sha256")
     recorded_router = fitted.get("router")
     if isinstance(recorded_router, Mapping):  # the kind (and options) the decisions were replayed with
-        from .routers import spec_record
-
         served_router = spec_record(_setting(settings, "router"))
         for key in ("kind", "options"):
             if recorded_router.get(key) is not None and recorded_router.get(key) != served_router[key]:

@@ -113,12 +113,10 @@ def build_router(settings: Any) -> Router:
 
 
 def spec_record(spec: Any) -> dict[str, Any]:
-    """``{kind, options}`` of a ``routenlp_settings.router`` value (None: the default kind)."""
-    kind = getattr(spec, "kind", None) if spec is not None else None
-    options = getattr(spec, "options", None) if spec is not None else None
-    if isinstance(spec, Mapping):
-        kind, options = spec.get("kind"), spec.get("options")
-    return {"kind": kind or DEFAULT_KIND, "options": dict(options or {})}
+    """``{kind, options}`` of a ``routenlp_settings.router`` value (a RouterSettings, a mapping, or None:
+    the default kind)."""
+    get = spec.get if isinstance(spec, Mapping) else (lambda key: getattr(spec, key, None))
+    return {"kind": get("kind") or DEFAULT_KIND, "options": dict(get("options") or {})}
 
 
 @register_router(DEFAULT_KIND)
