@@ -11,11 +11,12 @@ same disk:
 * ``per-record``: what the plugin did before group commit, reimplemented here as the baseline:
   ``await asyncio.to_thread(append)`` where ``append`` takes a lock, does one ``os.write`` and one
   ``os.fsync`` per record;
-* ``group``: ``await DecisionLog.append_async(record)``: serialise in the caller, one writer thread, one
-  write + one fsync per batch of whatever was pending.
+* ``group``: ``await DecisionLog.append_async(record)``: serialise in the caller, send the line to the
+  writer process (``litellm_routenlp/decision_log_writer.py``), one write + one fsync per batch of whatever
+  was pending, the acknowledgement read on the event loop.
 
 Printed per (path, C): records/s, p50 and p99 of one append's latency (submit -> durable), the number of
-fsyncs, and group/per-record ratios.  The temporary logs go under the repository by default (the disk the
+fsyncs (the writer process's acknowledged batches for ``group``), and group/per-record ratios.  The temporary logs go under the repository by default (the disk the
 proxy's log lives on), not /tmp, which may be a tmpfs where fsync costs nothing.
 """
 
@@ -109,8 +110,10 @@ def run_one(kind: str, records: int, concurrency: int, directory: Path) -> dict[
     with tempfile.TemporaryDirectory(prefix=".decision_log_bench-", dir=directory) as tmp:
         path = Path(tmp) / "decisions.jsonl"
         log = PerRecordLog(path) if kind == "per-record" else DecisionLog(path, fsync=True)
-        with FsyncCounter() as fsyncs:
+        with FsyncCounter() as fsyncs:  # counts this process's fsyncs: the per-record path's
             elapsed, latencies = asyncio.run(drive(log, records, concurrency))
+            if isinstance(log, DecisionLog):
+                fsyncs.calls = log.commits  # one fsync per batch, made in the writer process
             log.close()
         got = sum(1 for _ in read_decisions(path, strict=True))
         assert got == records, f"{kind}: {got} records on disk, expected {records}"

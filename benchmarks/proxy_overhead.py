@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 8] [--concurrency 1 50 200] [--repeats 2]
                                                   [--open-rates 0.25 0.5 0.75] [--open-duration 15]
                                                   [--configs plain routenlp [callback]] [--profile SVG [--profile-config plain]]
+                                                  [--baseline-ref GIT_REF]
 
 Real ``litellm --config`` proxies on loopback with the SAME four deployments of the alias
 ``routenlp`` (one per tier), differing only in ``litellm_settings.callbacks``:
@@ -13,7 +14,10 @@ Real ``litellm --config`` proxies on loopback with the SAME four deployments of 
   top-tier call would be a second model call, not overhead);
 * ``callback`` (attribution only, ``--configs plain callback routenlp``): the same plus a
   ``CustomLogger`` that overrides nothing, so ``routenlp - callback`` is the plugin's own work and
-  ``callback - plain`` what LiteLLM's callback machinery costs any callback.
+  ``callback - plain`` what LiteLLM's callback machinery costs any callback;
+* ``baseline`` (``--baseline-ref REF``): the plugin proxy again, its code taken from the git commit
+  ``REF`` (a temporary ``git worktree``, first on the proxy's ``PYTHONPATH``; artifacts and settings as
+  ``routenlp``), so a change to the plugin is measured against its previous version in the same run.
 
 Every deployment answers with LiteLLM's own ``mock_response`` (a fixed chat completion with one
 confident logprob per token, no network, no model).  That isolates the proxy: a real tier's latency would
@@ -50,6 +54,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +128,24 @@ def write_configs(work: Path) -> dict[str, Path]:
         paths[name] = work / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(document, sort_keys=False))
     return paths
+
+
+def baseline_proxy(ref: str, routenlp_config: Path, work: Path) -> ProxyProcess:
+    """The plugin proxy with its code as of git commit ``ref`` (``--baseline-ref``)."""
+    source = work / "baseline-src"
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(source), ref],
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        raise SystemExit(f"--baseline-ref {ref}: git worktree add failed: {added.stderr.strip()}")
+    document = yaml.safe_load(routenlp_config.read_text())
+    document["routenlp_settings"]["decision_log_path"] = str(work / "baseline-decisions.jsonl")
+    config = work / "baseline.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"baseline: the plugin as of {ref} ({commit}), from {source}")
+    return ProxyProcess(config, log_path=work / "baseline.log", cwd=source,
+                        env={"PYTHONPATH": str(source)})
 
 
 def rss_mb(pid: int) -> float:
@@ -282,6 +305,8 @@ def main() -> int:
     parser.add_argument("--profile-config", default="routenlp", choices=["plain", "callback", "routenlp"])
     parser.add_argument("--profile-rps", type=float, default=None,
                         help="offered rate of the profiled run (default: 50%% of plain's capacity in this run)")
+    parser.add_argument("--baseline-ref", default=None,
+                        help="also run the plugin as of this git commit (the 'baseline' config) in the same run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if "plain" not in args.configs and (args.open_rates or (args.profile and not args.profile_rps)):
@@ -299,6 +324,8 @@ def main() -> int:
         configs = write_configs(work)
         proxies = {name: ProxyProcess(configs[name], log_path=work / f"{name}.log", cwd=ROOT)
                    for name in ("plain", "callback", "routenlp") if name in args.configs}
+        if args.baseline_ref:
+            proxies["baseline"] = baseline_proxy(args.baseline_ref, configs["routenlp"], work)
         memory: dict[str, dict[str, float]] = {}
         runs: list[dict] = []
         profile_note = None
@@ -367,6 +394,9 @@ def main() -> int:
         finally:
             for proxy in proxies.values():
                 proxy.stop()
+            if args.baseline_ref:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline-src")],
+                               capture_output=True)
         decision_records, escalated = count_escalations(work / "decisions.jsonl")
     load_at_end = os.getloadavg()
 
@@ -482,6 +512,12 @@ def add_comparison(row: dict, names: list[str]) -> None:
         row["goals_met"] = {"p50": row["added_p50_ms"] <= GOALS["added_p50_ms"],
                             "p99": row["added_p99_ms"] <= GOALS["added_p99_ms"],
                             "throughput": row["throughput_ratio"] >= GOALS["throughput_ratio"]}
+    if "baseline" in names and "routenlp" in names:
+        row["routenlp_vs_baseline"] = {
+            "p50_ms": row["routenlp"]["p50_ms"] - row["baseline"]["p50_ms"],
+            "p99_ms": row["routenlp"]["p99_ms"] - row["baseline"]["p99_ms"],
+            "cpu_ms_per_request": row["routenlp"]["cpu_ms_per_request"] - row["baseline"]["cpu_ms_per_request"],
+            "rps_ratio": row["routenlp"]["rps"] / row["baseline"]["rps"]}
     if "callback" in names:
         for other in ("plain", "routenlp"):
             if other in names:
@@ -524,8 +560,17 @@ def print_closed(rows: list[dict], names: list[str]) -> None:
         if "callback_vs_routenlp" in row:
             c = row["callback_vs_routenlp"]
             parts.append(f"plugin vs empty callback {-c['p50_ms']:+.1f} ms p50, rps x{1 / c['rps_ratio']:.3f}")
+        if "routenlp_vs_baseline" in row:
+            parts.append(baseline_text(row))
         if parts:
             print(f"{row['concurrency']:>7} | attribution: " + "; ".join(parts))
+
+
+def baseline_text(row: dict) -> str:
+    b = row["routenlp_vs_baseline"]
+    return (f"routenlp vs baseline {b['p50_ms']:+.1f} ms p50, {b['p99_ms']:+.1f} ms p99, "
+            f"CPU/request {b['cpu_ms_per_request']:+.2f} ms, rps x{b['rps_ratio']:.3f} "
+            f"(baseline p50 {row['baseline']['p50_ms']:.1f}, p99 {row['baseline']['p99_ms']:.1f})")
 
 
 def print_open(rows: list[dict], capacity: float) -> None:
@@ -542,6 +587,8 @@ def print_open(rows: list[dict], capacity: float) -> None:
               f"{row['load1']:5.2f} | {verdict(row)} | requests {p['ok']}+{r['ok']}, failed {failed}, "
               f"generator send lag p99 {max(p['send_lag_p99_ms'], r['send_lag_p99_ms']):.1f} ms, "
               f"proxy CPU/request {p['cpu_ms_per_request']:.2f} vs {r['cpu_ms_per_request']:.2f} ms")
+        if "routenlp_vs_baseline" in row:
+            print(f"{'':>12}   {baseline_text(row)}")
 
 
 if __name__ == "__main__":

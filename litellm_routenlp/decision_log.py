@@ -6,22 +6,20 @@ other processes (the co-optimisation loop, ``tail -f``) can read it while the pr
 last line (power loss mid-write) is detected and skipped by :func:`read_decisions` instead of
 poisoning the file.
 
-Group commit.  Under load (tens to hundreds of concurrent requests) one ``fsync`` per record, each
-behind a thread hop, is most of the plugin's per-request cost.  So one daemon writer thread per log
-owns the descriptor: callers serialise their record themselves and enqueue it (:meth:`DecisionLog.submit`
-returns a :class:`concurrent.futures.Future`, :meth:`DecisionLog.append_async` awaits it without a
-thread hop); the writer takes everything that is pending (up to ``max_batch_records`` records or about
-``max_batch_bytes``), writes it with ONE ``os.write`` of the concatenated lines (looping only on a short
-write), ONE ``fsync``, and only then resolves every future of the batch (or fails them all with the
-error).
+The writer is a separate process (:mod:`litellm_routenlp.decision_log_writer`, which says why: a writer
+thread waits for the GIL three times per batch under load).  Callers serialise their record themselves
+and send the line down a pipe; the writer commits whatever is pending with one ``write`` and one
+``fsync`` (group commit) and sends back an acknowledgement frame.  :meth:`DecisionLog.append_async`
+reads the acknowledgements on the caller's event loop (``add_reader``: no thread hop at all);
+:meth:`DecisionLog.append` waits for them in its own thread.
 
-Durability contract (unchanged by the batching): a future resolves, and so ``append`` /
-``append_async`` return and the request's answer leaves, only after that record has been written and
+Durability contract (unchanged by the batching or the process): ``append`` / ``append_async`` return,
+and so the request's answer leaves, only after the writer reported that record written and
 ``fsync``'d (when ``fsync`` is on).  Batching only shares one ``fsync`` between records that arrived
-together; it never delays a record to wait for others: the writer does not wait for a batch to fill,
-it drains whatever is queued and then blocks, so an idle proxy pays one write + one fsync per request
-as before.  A failed batch fails every caller in it; its records may or may not be in the file (as
-with a failed write/fsync before), and a partial line it left is ended so later records start clean.
+together; it never delays a record to wait for others.  A failed batch fails every caller in it with
+the ``OSError`` of the failed call.  If the writer process dies, every record not yet acknowledged fails
+(``OSError`` EIO) and the next record starts a new writer, which first ends any torn last line.  If the
+proxy dies (even ``kill -9``), the writer still commits every complete record it was sent, then exits.
 
 Field cap.  Every string in a record is stored with at most :data:`FIELD_LIMIT` characters; a longer
 one keeps its first ``FIELD_LIMIT`` characters followed by the marker ``"…[+N chars cut]"`` (N the
@@ -32,19 +30,25 @@ whole one (:func:`was_cut`).  Strings are cut in the caller's thread, before ser
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
 import os
-import queue
+import select
+import subprocess
+import sys
 import threading
 import weakref
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from routenlp_core.decision_record import DecisionRecord
 
-_STOP = object()  # queued by close(): everything queued before it is committed, then the writer exits
+from . import decision_log_writer
+from .decision_log_writer import FRAME_BYTES, read_frame
+
 FIELD_LIMIT = 8192  # characters kept per string field of a record (module docstring)
 CUT_MARKER = "…[+{} chars cut]"
 
@@ -73,108 +77,261 @@ def cap_strings(value: Any, limit: int = FIELD_LIMIT) -> Any:
 
 
 class DecisionLogClosed(RuntimeError):
-    """Raised by ``submit`` / ``append`` / ``append_async`` after :meth:`DecisionLog.close`."""
+    """Raised by ``append`` / ``append_async`` after :meth:`DecisionLog.close`."""
 
 
-class _Writer:
-    """The writer thread's state.  Kept apart from :class:`DecisionLog` so that the thread does not keep
-    the log alive: an unclosed log that is garbage-collected (or still open at interpreter exit) is
-    flushed and closed by a ``weakref.finalize``."""
+@dataclass
+class WriterLink:
+    """The two pipe ends to one writer, and how to wait for it to end.  ``send_fd`` takes record lines,
+    ``ack_fd`` gives frames; :meth:`join` waits until the writer has committed everything and exited."""
 
-    def __init__(self, fd: int, path: Path, fsync: bool, max_batch_records: int, max_batch_bytes: int) -> None:
-        self.fd = fd
-        self.fsync = fsync
-        self.max_batch_records = max_batch_records
-        self.max_batch_bytes = max_batch_bytes
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        # orders submit() against stop(): no record can be queued after _STOP, so none is left unresolved
-        self.lock = threading.Lock()
-        self.closed = False
-        self.torn = False  # a failed write left a partial line: the next batch starts with b"\n"
-        self.thread = threading.Thread(target=self.run, name=f"decision-log-writer:{path.name}", daemon=True)
-        self.thread.start()
+    send_fd: int
+    ack_fd: int
+    join: Callable[[], None]
+    alive: Callable[[], bool]
+    pid: int | None = None
 
-    def submit(self, line: bytes) -> Future:
-        future: Future = Future()
+
+def start_writer_process(log_fd: int, fsync: bool, max_batch_records: int, max_batch_bytes: int) -> WriterLink:
+    """Start :mod:`decision_log_writer` as a process (``python -S``: it needs no site-packages)."""
+    process = subprocess.Popen(
+        [sys.executable, "-S", "-E", decision_log_writer.__file__, str(log_fd), "1" if fsync else "0",
+         str(max_batch_records), str(max_batch_bytes)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(log_fd,), close_fds=True, bufsize=0)
+    assert process.stdin is not None and process.stdout is not None
+    send_fd, ack_fd = os.dup(process.stdin.fileno()), os.dup(process.stdout.fileno())
+    process.stdin.close()
+    process.stdout.close()
+    return WriterLink(send_fd, ack_fd, process.wait, lambda: process.poll() is None, process.pid)
+
+
+#: How a :class:`DecisionLog` starts its writer (tests swap in a thread running the same ``serve``).
+start_writer: Callable[[int, bool, int, int], WriterLink] = start_writer_process
+
+
+@dataclass
+class _Waiter:
+    """Who waits for one record: an asyncio future on ``loop``, or a ``concurrent.futures.Future``."""
+
+    done_at: int
+    future: Any
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+@dataclass
+class _State:
+    """Everything the log shares between threads, kept apart from :class:`DecisionLog` so that the
+    finalizer (an unclosed log garbage-collected, or still open at exit) holds no reference to the log."""
+
+    path: Path
+    fd: int
+    fsync: bool
+    max_batch_records: int
+    max_batch_bytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    link: WriterLink | None = None
+    sent: int = 0  # records sent to the current writer
+    done: int = 0  # records it acknowledged (or failed)
+    backlog: bytearray = field(default_factory=bytearray)  # lines the pipe did not take yet
+    acks: bytes = b""  # a partial frame
+    waiters: collections.deque = field(default_factory=collections.deque)
+    loops: dict = field(default_factory=dict)  # event loop -> the ack fd its reader watches
+    closed: bool = False
+    commits: int = 0  # batches acknowledged: how many fsyncs the records shared
+
+    # ------------------------------------------------------------------ writer lifecycle (lock held)
+    def ensure_writer(self) -> WriterLink:
+        if self.link is not None and not self.link.alive():
+            self.writer_lost("exited")  # its unacknowledged records fail; this one goes to a new writer
+        if self.link is None:
+            repair_torn_tail(self.path, self.fd)
+            self.link = start_writer(self.fd, self.fsync, self.max_batch_records, self.max_batch_bytes)
+            os.set_blocking(self.link.send_fd, False)
+            os.set_blocking(self.link.ack_fd, False)
+            self.sent = self.done = 0
+            self.acks = b""
+        return self.link
+
+    def writer_lost(self, why: str) -> None:
+        """The writer is gone: fail what it did not acknowledge; the next record starts a new one."""
+        link, self.link = self.link, None
+        if link is None:
+            return
+        self._unwatch(link.ack_fd)
+        error = OSError(errno.EIO, f"decision log writer for {self.path.name} {why}; record not known to be on disk")
+        while self.waiters:
+            resolve(self.waiters.popleft(), error)
+        self.backlog.clear()
+        for fd in (link.send_fd, link.ack_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            link.join()
+        except Exception:  # noqa: BLE001 - it is gone either way
+            pass
+
+    def _unwatch(self, ack_fd: int) -> None:
+        for loop, fd in list(self.loops.items()):
+            if fd != ack_fd:
+                continue
+            del self.loops[loop]
+            if loop.is_closed():
+                continue
+            try:
+                if _in_loop_thread(loop):
+                    loop.remove_reader(fd)
+                else:
+                    loop.call_soon_threadsafe(loop.remove_reader, fd)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    # ------------------------------------------------------------------ sending and acknowledging
+    def send(self, line: bytes, waiter_for: Callable[[int], _Waiter],
+             loop: asyncio.AbstractEventLoop | None = None) -> _Waiter:
         with self.lock:
             if self.closed:
                 raise DecisionLogClosed("decision log is closed: no record can be appended after close()")
-            self.queue.put((line, future))
-        return future
+            link = self.ensure_writer()
+            if loop is not None:
+                self.watch(loop)
+            self.sent += 1
+            waiter = waiter_for(self.sent)
+            self.waiters.append(waiter)
+            self.backlog += line
+            self.flush(link)
+            return waiter
+
+    def flush(self, link: WriterLink) -> None:
+        """Write as much of the backlog as the pipe takes now (never blocks; the rest goes with the next
+        acknowledgement, which means the writer has read from the pipe)."""
+        while self.backlog:
+            try:
+                count = os.write(link.send_fd, self.backlog)
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the writer died
+                self.writer_lost("exited")
+                return
+            del self.backlog[:count]
+
+    def drain(self) -> None:
+        """Read every frame that has arrived and resolve the records it covers (any thread, never blocks)."""
+        with self.lock:
+            link = self.link
+            if link is None:
+                return
+            try:
+                data = os.read(link.ack_fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.writer_lost("exited")
+                return
+            data = self.acks + data
+            whole = len(data) - len(data) % FRAME_BYTES
+            self.acks = data[whole:]
+            for start in range(0, whole, FRAME_BYTES):
+                done, code = read_frame(data[start:start + FRAME_BYTES])
+                error = None if code == 0 else OSError(code, f"{os.strerror(code)} (decision log {self.path.name})")
+                self.commits += 1
+                self.done = done
+                while self.waiters and self.waiters[0].done_at <= done:
+                    resolve(self.waiters.popleft(), error)
+            self.flush(link)
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` read the acknowledgements itself (lock held)."""
+        ack_fd = self.ensure_writer().ack_fd
+        if self.loops.get(loop) != ack_fd:
+            loop.add_reader(ack_fd, self.drain)
+            self.loops[loop] = ack_fd
+
+    def wait(self, waiter: _Waiter) -> None:
+        """Block this thread until ``waiter`` is resolved, reading acknowledgements meanwhile."""
+        while not waiter.future.done():
+            link = self.link
+            if link is None:  # lost: its waiters were failed
+                break
+            try:
+                select.select([link.ack_fd], [], [], 0.05)
+            except (OSError, ValueError):  # closed meanwhile by another thread
+                pass
+            self.drain()
 
     def stop(self) -> None:
-        """Flush what is queued, stop the thread and close the descriptor (idempotent)."""
+        """Send what is queued, let the writer commit it and exit, resolve every waiter (idempotent)."""
         with self.lock:
-            if not self.closed:
-                self.closed = True
-                self.queue.put(_STOP)
-        if threading.current_thread() is not self.thread:
-            self.thread.join()
-
-    def run(self) -> None:
-        get, get_nowait = self.queue.get, self.queue.get_nowait
-        while True:
-            item = get()  # block while idle; the first record of a batch is written at once
-            stop = item is _STOP
-            lines: list[bytes] = []
-            futures: list[Future] = []
-            size = 0
-            while not stop:
-                line, future = item
-                lines.append(line)
-                futures.append(future)
-                size += len(line)
-                if len(lines) >= self.max_batch_records or size >= self.max_batch_bytes:
-                    break
+            self.closed = True
+            link = self.link
+            if link is not None:
+                os.set_blocking(link.send_fd, True)
                 try:
-                    item = get_nowait()  # whatever else is already pending joins this batch; never wait
-                except queue.Empty:
-                    break
-                stop = item is _STOP
-            if lines:
-                self.commit(lines, futures)
-            if stop:
-                break
-        os.close(self.fd)
-        self.fd = -1
+                    while self.backlog:
+                        del self.backlog[:os.write(link.send_fd, self.backlog)]
+                except OSError:
+                    self.backlog.clear()
+                os.close(link.send_fd)  # end of input: the writer commits the rest, acknowledges it and exits
+                link.send_fd = -1
+        while self.link is link and link is not None:  # until drain() reads the writer's end of output
+            try:
+                select.select([link.ack_fd], [], [], 0.05)
+            except (OSError, ValueError):
+                pass
+            self.drain()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
-    def commit(self, lines: list[bytes], futures: list[Future]) -> None:
-        # A caller that gave up (cancelled asyncio task) still gets its record written, as it did when the
-        # write ran in a worker thread; it just is not notified.  After this, no future can be cancelled.
-        live = [future for future in futures if future.set_running_or_notify_cancel()]
-        data = b"".join(lines)
-        if self.torn:
-            data = b"\n" + data
-        written = 0
-        try:
-            view = memoryview(data)
-            while written < len(data):
-                count = os.write(self.fd, view[written:])
-                if count <= 0:  # never for a regular file; do not spin if it happens
-                    raise OSError(errno.EIO, f"write to the decision log returned {count}")
-                written += count
-            self.torn = False
-            if self.fsync:
-                os.fsync(self.fd)
-        except BaseException as error:  # noqa: BLE001 - every waiting caller must hear about it
-            if written < len(data):
-                # Part of the batch may be in the file without its newline (a short write, then an error;
-                # or a failing call that wrote some bytes anyway): end that line before the next batch.
-                # When nothing was written this costs at most a blank line, which readers skip.
-                self.torn = not (written and data[written - 1] == 0x0A)
-            for future in live:
-                future.set_exception(error)
-            return
-        for future in live:
-            future.set_result(None)
+
+def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled: its record is written all the same
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def resolve(waiter: _Waiter, error: BaseException | None) -> None:
+    """Tell one waiter its record is durable (``error`` None) or failed, in the waiter's own thread or loop."""
+    if waiter.loop is None:
+        if error is None:
+            waiter.future.set_result(None)
+        else:
+            waiter.future.set_exception(error)
+    elif _in_loop_thread(waiter.loop):
+        _settle(waiter.future, error)
+    elif not waiter.loop.is_closed():
+        waiter.loop.call_soon_threadsafe(_settle, waiter.future, error)
+
+
+def repair_torn_tail(path: Path, fd: int) -> None:
+    """A previous crash may have left a line without its newline: end it so new records start clean."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    with open(path, "rb") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) != b"\n":
+            os.write(fd, b"\n")
 
 
 class DecisionLog:
     """Appends decision records to ``path``; safe to share between threads and event loops of one process.
 
-    ``append`` (blocking), ``append_async`` (awaitable) and ``submit`` (a future) all go through the
-    group-commit writer described in the module docstring and return / resolve only once the record is
-    on disk.
+    ``append`` (blocking) and ``append_async`` (awaitable) return only once the writer process reports the
+    record on disk (module docstring).
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
@@ -184,20 +341,22 @@ class DecisionLog:
         self.path = Path(path)
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._repair_torn_tail()
-        self._writer = _Writer(self._fd, self.path, fsync, max_batch_records, max_batch_bytes)
-        self._finalizer = weakref.finalize(self, self._writer.stop)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._state = _State(self.path, fd, fsync, max_batch_records, max_batch_bytes)
+        with self._state.lock:
+            self._state.ensure_writer()  # start it now: the first answer should not wait for a process start
+        self._finalizer = weakref.finalize(self, self._state.stop)
 
-    def _repair_torn_tail(self) -> None:
-        """A previous crash may have left a line without its newline: end it so new records start clean."""
-        size = self.path.stat().st_size
-        if size == 0:
-            return
-        with open(self.path, "rb") as handle:
-            handle.seek(size - 1)
-            if handle.read(1) != b"\n":
-                os.write(self._fd, b"\n")
+    @property
+    def commits(self) -> int:
+        """Batches acknowledged so far (each one ``write`` and one ``fsync``), for tests and benchmarks."""
+        return self._state.commits
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (None between a lost writer and the next record)."""
+        link = self._state.link
+        return link.pid if link is not None else None
 
     @staticmethod
     def _line(record: DecisionRecord | Mapping[str, Any]) -> bytes:
@@ -205,26 +364,24 @@ class DecisionLog:
         raw = record.to_dict() if isinstance(record, DecisionRecord) else record
         return (json.dumps(cap_strings(raw), ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
 
-    def submit(self, record: DecisionRecord | Mapping[str, Any]) -> Future:
-        """Serialise ``record`` here (so a bad record fails in the caller) and queue it for the writer.
-
-        The future resolves to ``None`` once the record is written and fsync'd, or raises the write/fsync
-        error.  Raises :class:`DecisionLogClosed` after :meth:`close`.
-        """
-        return self._writer.submit(self._line(record))
-
     def append(self, record: DecisionRecord | Mapping[str, Any]) -> None:
-        """Blocking append: returns once the record is on disk."""
-        self.submit(record).result()
+        """Blocking append: returns once the record is on disk (raises the writer's ``OSError`` if not)."""
+        line = self._line(record)  # a bad record fails here, in the caller
+        waiter = self._state.send(line, lambda done_at: _Waiter(done_at, Future()))
+        self._state.wait(waiter)
+        waiter.future.result()
 
     async def append_async(self, record: DecisionRecord | Mapping[str, Any]) -> None:
-        """Awaitable append for the event loop (no worker-thread hop): returns once the record is on disk."""
-        await asyncio.wrap_future(self.submit(record))
+        """Awaitable append for the event loop, which reads the writer's acknowledgement itself."""
+        line = self._line(record)
+        loop = asyncio.get_running_loop()
+        waiter = self._state.send(line, lambda done_at: _Waiter(done_at, loop.create_future(), loop), loop)
+        # Awaited through a shield-free future: a cancelled caller stops waiting, its record is still written.
+        await waiter.future
 
     def close(self) -> None:
-        """Commit every record already submitted, stop the writer thread and close the descriptor."""
+        """Commit every record already sent, stop the writer and close the descriptor (idempotent)."""
         self._finalizer()
-        self._fd = -1
 
 
 def read_decisions(path: str | os.PathLike[str], strict: bool = False) -> Iterator[dict[str, Any]]:

@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+from pathlib import Path
 
 from litellm_routenlp.decision_log import DecisionLog, read_decisions
 
@@ -42,12 +43,37 @@ def test_append_only_across_reopen(tmp_path):
 # ----------------------------------------------------------------------------------- group commit
 import asyncio  # noqa: E402
 import errno  # noqa: E402
+import signal  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
-from litellm_routenlp.decision_log import DecisionLogClosed  # noqa: E402
+from litellm_routenlp import decision_log  # noqa: E402
+from litellm_routenlp.decision_log import DecisionLogClosed, WriterLink  # noqa: E402
+from litellm_routenlp.decision_log_writer import serve  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def _writer_in_thread(log_fd, fsync, max_batch_records, max_batch_bytes):
+    """The writer's own ``serve`` loop on a thread of this process, so a test can patch ``os.write`` /
+    ``os.fsync`` under it (the shipped log runs the same function in a process)."""
+    records_r, records_w = os.pipe()
+    acks_r, acks_w = os.pipe()
+
+    def run():
+        serve(records_r, acks_w, log_fd, fsync, max_batch_records, max_batch_bytes)
+        os.close(records_r)
+        os.close(acks_w)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return WriterLink(records_w, acks_r, thread.join, thread.is_alive)
+
+
+@pytest.fixture
+def in_thread(monkeypatch):
+    monkeypatch.setattr(decision_log, "start_writer", _writer_in_thread)
 
 
 class _GatedFsync:
@@ -55,7 +81,7 @@ class _GatedFsync:
     first one, so records submitted meanwhile are known to be pending together."""
 
     def __init__(self, monkeypatch, log: DecisionLog, hold_first: bool = False, delay: float = 0.0):
-        self.fd = log._fd
+        self.fd = log._state.fd
         self.calls = 0
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -79,7 +105,15 @@ def _ids(path, strict=True):
     return [r["request_id"] for r in read_decisions(path, strict=strict)]
 
 
-def test_many_threads_each_record_exactly_once_with_shared_fsyncs(tmp_path, monkeypatch):
+def _sent(log, count, timeout=10.0):
+    """Wait until ``count`` records have gone to the writer (they are then pending together)."""
+    deadline = time.monotonic() + timeout
+    while log._state.sent < count:
+        assert time.monotonic() < deadline, f"only {log._state.sent} of {count} records were sent"
+        time.sleep(0.005)
+
+
+def test_many_threads_each_record_exactly_once_with_shared_fsyncs(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
     fsyncs = _GatedFsync(monkeypatch, log, delay=0.002)  # a disk-like fsync, so arrivals overlap
@@ -102,10 +136,10 @@ def test_many_threads_each_record_exactly_once_with_shared_fsyncs(tmp_path, monk
     assert 1 <= fsyncs.calls < len(expected), f"{fsyncs.calls} fsyncs for {len(expected)} records"
 
 
-def test_many_asyncio_tasks_each_record_exactly_once_with_shared_fsyncs(tmp_path, monkeypatch):
+def test_many_asyncio_tasks_each_record_exactly_once_with_shared_fsyncs_in_the_writer_process(tmp_path):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
-    fsyncs = _GatedFsync(monkeypatch, log, delay=0.002)
+    assert log.writer_pid and log.writer_pid != os.getpid()
     tasks, per_task = 200, 5
 
     async def client(t):
@@ -116,41 +150,47 @@ def test_many_asyncio_tasks_each_record_exactly_once_with_shared_fsyncs(tmp_path
         await asyncio.gather(*(client(t) for t in range(tasks)))
 
     asyncio.run(main())
+    commits = log.commits
     log.close()
     ids = _ids(path)
     assert sorted(ids) == sorted(f"a{t}-{i}" for t in range(tasks) for i in range(per_task))
-    assert 1 <= fsyncs.calls < tasks * per_task / 4, f"{fsyncs.calls} fsyncs for {tasks * per_task} records"
+    assert 1 <= commits < tasks * per_task / 4, f"{commits} fsyncs for {tasks * per_task} records"
 
 
-def test_records_that_arrive_together_share_one_fsync_and_wait_for_it(tmp_path, monkeypatch):
+def test_records_that_arrive_together_share_one_fsync_and_wait_for_it(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
     fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
-    first = log.submit({"request_id": "first"})
-    assert fsyncs.entered.wait(10)
-    # the writer is inside first's fsync: first is written but not yet durable, so not acknowledged
-    assert not first.done()
-    rest = [log.submit({"request_id": f"r{i}"}) for i in range(99)]
-    assert not any(f.done() for f in rest)
-    fsyncs.release.set()
-    first.result(10)
-    for future in rest:
-        assert future.result(10) is None
+    with ThreadPoolExecutor(100) as pool:
+        first = pool.submit(log.append, {"request_id": "first"})
+        assert fsyncs.entered.wait(10)
+        # the writer is inside first's fsync: first is written but not yet durable, so not acknowledged
+        time.sleep(0.05)
+        assert not first.done()
+        rest = [pool.submit(log.append, {"request_id": f"r{i}"}) for i in range(99)]
+        _sent(log, 100)
+        assert not any(f.done() for f in rest)
+        fsyncs.release.set()
+        first.result(10)
+        for future in rest:
+            assert future.result(10) is None
     assert fsyncs.calls == 2  # one for "first", ONE for the 99 that were pending together
     log.close()
-    assert _ids(path) == ["first"] + [f"r{i}" for i in range(99)]
+    assert _ids(path)[0] == "first" and sorted(_ids(path)[1:]) == sorted(f"r{i}" for i in range(99))
 
 
-def test_batch_size_is_capped(tmp_path, monkeypatch):
+def test_batch_size_is_capped(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path, max_batch_records=10)
     fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
-    first = log.submit({"request_id": "first"})
-    assert fsyncs.entered.wait(10)
-    rest = [log.submit({"request_id": f"r{i}"}) for i in range(45)]
-    fsyncs.release.set()
-    for future in [first, *rest]:
-        future.result(10)
+    with ThreadPoolExecutor(46) as pool:
+        first = pool.submit(log.append, {"request_id": "first"})
+        assert fsyncs.entered.wait(10)
+        rest = [pool.submit(log.append, {"request_id": f"r{i}"}) for i in range(45)]
+        _sent(log, 46)
+        fsyncs.release.set()
+        for future in [first, *rest]:
+            future.result(10)
     assert fsyncs.calls == 1 + 5
     log.close()
     assert len(_ids(path)) == 46
@@ -158,8 +198,6 @@ def test_batch_size_is_capped(tmp_path, monkeypatch):
 
 def test_idle_append_does_not_wait_for_a_batch(tmp_path):
     log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
-    import time
-
     for _ in range(20):  # a lone record is written at once; no batching timer
         started = time.perf_counter()
         log.append({"request_id": "x"})
@@ -167,11 +205,11 @@ def test_idle_append_does_not_wait_for_a_batch(tmp_path):
     log.close()
 
 
-def test_failed_write_fails_its_whole_batch_and_later_appends_work(tmp_path, monkeypatch):
+def test_failed_write_fails_its_whole_batch_and_later_appends_work(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
     fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
-    fd, real_write, failing = log._fd, os.write, threading.Event()
+    fd, real_write, failing = log._state.fd, os.write, threading.Event()
 
     def write(target, data):
         if target == fd and failing.is_set():
@@ -179,16 +217,18 @@ def test_failed_write_fails_its_whole_batch_and_later_appends_work(tmp_path, mon
         return real_write(target, data)
 
     monkeypatch.setattr(os, "write", write)
-    ok = log.submit({"request_id": "ok"})
-    assert fsyncs.entered.wait(10)
-    batch = [log.submit({"request_id": f"lost{i}"}) for i in range(5)]  # pending together
-    failing.set()
-    fsyncs.release.set()
-    ok.result(10)
-    for future in batch:
-        with pytest.raises(OSError) as raised:
-            future.result(10)
-        assert raised.value.errno == errno.ENOSPC
+    with ThreadPoolExecutor(6) as pool:
+        ok = pool.submit(log.append, {"request_id": "ok"})
+        assert fsyncs.entered.wait(10)
+        batch = [pool.submit(log.append, {"request_id": f"lost{i}"}) for i in range(5)]  # pending together
+        _sent(log, 6)
+        failing.set()
+        fsyncs.release.set()
+        ok.result(10)
+        for future in batch:
+            with pytest.raises(OSError) as raised:
+                future.result(10)
+            assert raised.value.errno == errno.ENOSPC
     with pytest.raises(OSError):  # the sync API raises too
         log.append({"request_id": "lost-sync"})
     failing.clear()
@@ -199,11 +239,11 @@ def test_failed_write_fails_its_whole_batch_and_later_appends_work(tmp_path, mon
 
 
 @pytest.mark.parametrize("failure", ["short-write-then-error", "error-after-writing-some"])
-def test_partial_write_then_error_leaves_later_records_intact(tmp_path, monkeypatch, failure):
+def test_partial_write_then_error_leaves_later_records_intact(tmp_path, monkeypatch, in_thread, failure):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
     log.append({"request_id": "a"})
-    fd, real_write, calls = log._fd, os.write, []
+    fd, real_write, calls = log._state.fd, os.write, []
 
     def write(target, data):
         if target != fd:
@@ -228,10 +268,10 @@ def test_partial_write_then_error_leaves_later_records_intact(tmp_path, monkeypa
         list(read_decisions(path, strict=True))
 
 
-def test_short_writes_are_completed(tmp_path, monkeypatch):
+def test_short_writes_are_completed(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
-    fd, real_write, calls = log._fd, os.write, []
+    fd, real_write, calls = log._state.fd, os.write, []
 
     def write(target, data):
         if target == fd:
@@ -247,45 +287,100 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
     assert len(calls) > 5
 
 
-def test_close_flushes_pending_records_then_refuses_new_ones(tmp_path, monkeypatch):
+def test_close_flushes_pending_records_then_refuses_new_ones(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
     fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
-    futures = [log.submit({"request_id": "first"})]
-    assert fsyncs.entered.wait(10)
-    futures += [log.submit({"request_id": f"p{i}"}) for i in range(50)]
-    closer = threading.Thread(target=log.close)
-    closer.start()
-    closer.join(0.2)
-    assert closer.is_alive(), "close() must wait for the pending records"
-    fsyncs.release.set()
-    closer.join(10)
-    assert not closer.is_alive()
-    assert all(f.done() and f.exception() is None for f in futures)
-    assert _ids(path) == ["first"] + [f"p{i}" for i in range(50)]
+    with ThreadPoolExecutor(51) as pool:
+        futures = [pool.submit(log.append, {"request_id": "first"})]
+        assert fsyncs.entered.wait(10)
+        futures += [pool.submit(log.append, {"request_id": f"p{i}"}) for i in range(50)]
+        _sent(log, 51)
+        closer = threading.Thread(target=log.close)
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive(), "close() must wait for the pending records"
+        fsyncs.release.set()
+        closer.join(10)
+        assert not closer.is_alive()
+        assert all(f.result(10) is None for f in futures)
+    ids = _ids(path)
+    assert ids[0] == "first" and sorted(ids[1:]) == sorted(f"p{i}" for i in range(50))
     with pytest.raises(DecisionLogClosed, match="closed"):
-        log.submit({"request_id": "late"})
-    with pytest.raises(DecisionLogClosed):
         log.append({"request_id": "late"})
     with pytest.raises(DecisionLogClosed):
         asyncio.run(log.append_async({"request_id": "late"}))
     log.close()  # idempotent
-    assert _ids(path)[-1] == "p49"
+    assert len(_ids(path)) == 51
 
 
-def test_close_stops_the_writer_thread_and_closes_the_fd(tmp_path):
+def test_close_stops_the_writer_process_and_closes_the_fd(tmp_path):
     log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
-    writer_fd, thread = log._fd, log._writer.thread
-    futures = [log.submit({"request_id": str(i)}) for i in range(1000)]
+    writer_fd, pid = log._state.fd, log.writer_pid
+
+    async def main():
+        await asyncio.gather(*(log.append_async({"request_id": str(i)}) for i in range(1000)))
+
+    asyncio.run(main())
     log.close()
-    assert all(f.done() for f in futures)
-    assert not thread.is_alive()
+    with pytest.raises(ProcessLookupError):  # exited and reaped
+        os.kill(pid, 0)
     with pytest.raises(OSError):
         os.fstat(writer_fd)
     assert len(_ids(tmp_path / "d.jsonl")) == 1000
 
 
-def test_cancelled_caller_still_gets_its_record_written(tmp_path, monkeypatch):
+def test_a_dead_writer_fails_what_it_did_not_acknowledge_and_the_next_record_starts_a_new_one(tmp_path):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path)
+    log.append({"request_id": "before"})
+    first = log.writer_pid
+    os.kill(first, signal.SIGKILL)
+    time.sleep(0.2)
+    log.append({"request_id": "after"})  # a new writer: nothing was pending, so nothing failed
+    assert log.writer_pid not in (None, first)
+    asyncio.run(log.append_async({"request_id": "after-async"}))
+    log.close()
+    assert _ids(path) == ["before", "after", "after-async"]
+
+
+def test_the_writer_process_commits_what_it_was_sent_after_its_caller_is_killed(tmp_path):
+    """kill -9 of the process holding the log: every record it sent is still committed (acknowledged ones
+    certainly; the writer reads to end of input)."""
+    import subprocess
+    import sys
+    path = tmp_path / "d.jsonl"
+    script = (
+        "import asyncio, os, sys\n"
+        "from litellm_routenlp.decision_log import DecisionLog\n"
+        f"log = DecisionLog({str(path)!r})\n"
+        "async def main():\n"
+        "    await asyncio.gather(*(log.append_async({'request_id': f'k{i}'}) for i in range(300)))\n"
+        "    print(log.writer_pid, flush=True)\n"
+        "    state = log._state\n"
+        "    with state.lock:\n"
+        "        for i in range(300, 400):\n"
+        "            state.backlog += ('{\"request_id\":\"k%d\"}\\n' % i).encode()\n"
+        "        state.flush(state.link)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == -9, done.stderr
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the writer did not exit after its caller died")
+    assert sorted(_ids(path)) == sorted(f"k{i}" for i in range(400))
+
+
+def test_cancelled_caller_still_gets_its_record_written(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)
     fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
@@ -310,7 +405,7 @@ def test_cancelled_caller_still_gets_its_record_written(tmp_path, monkeypatch):
 def test_unserialisable_record_fails_in_the_caller(tmp_path):
     log = DecisionLog(tmp_path / "d.jsonl", fsync=False)
     with pytest.raises(TypeError):
-        log.submit({"request_id": "x", "bad": {1j: 2}})  # a complex key: json.dumps refuses it here
+        log.append({"request_id": "x", "bad": {1j: 2}})  # a complex key: json.dumps refuses it here
     log.append({"request_id": "y"})
     log.close()
     assert _ids(tmp_path / "d.jsonl") == ["y"]
