@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 8] [--concurrency 1 50 200] [--repeats 2]
                                                   [--open-rates 0.25 0.5 0.75] [--open-duration 15]
-                                                  [--configs plain routenlp [callback]] [--profile SVG [--profile-config plain]]
+                                                  [--configs plain routenlp [handed_off] [callback]]
+                                                  [--profile SVG [--profile-config plain]]
                                                   [--baseline-ref GIT_REF]
 
 Real ``litellm --config`` proxies on loopback with the SAME four deployments of the alias
@@ -12,6 +13,9 @@ Real ``litellm --config`` proxies on loopback with the SAME four deployments of 
 * ``routenlp``: the same plus ``litellm_routenlp.proxy_hook.routenlp`` with the shipped router
   (int8 ONNX), thresholds and a durable, fsync'd decision log (shadow audit off: its sampled extra
   top-tier call would be a second model call, not overhead);
+* ``handed_off`` (``--configs plain routenlp handed_off``): ``routenlp`` with
+  ``decision_log_durability: handed_off``, the opt-out in which an answer waits only until its record is
+  in the log writer's pipe, not for the ``fsync`` (README, "The decision log");
 * ``callback`` (attribution only, ``--configs plain callback routenlp``): the same plus a
   ``CustomLogger`` that overrides nothing, so ``routenlp - callback`` is the plugin's own work and
   ``callback - plain`` what LiteLLM's callback machinery costs any callback;
@@ -123,8 +127,10 @@ def write_configs(work: Path) -> dict[str, Path]:
               "routenlp_settings": settings}
     callback = {**plain, "litellm_settings": {"callbacks": "noop_callback.noop"}}
     (work / "noop_callback.py").write_text(NOOP_CALLBACK)
+    handed_off = {**plugin, "routenlp_settings": {**settings, "decision_log_durability": "handed_off",
+                                                  "decision_log_path": str(work / "handed_off-decisions.jsonl")}}
     paths = {}
-    for name, document in (("plain", plain), ("callback", callback), ("routenlp", plugin)):
+    for name, document in (("plain", plain), ("callback", callback), ("routenlp", plugin), ("handed_off", handed_off)):
         paths[name] = work / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(document, sort_keys=False))
     return paths
@@ -137,6 +143,10 @@ def baseline_proxy(ref: str, routenlp_config: Path, work: Path) -> ProxyProcess:
                            capture_output=True, text=True)
     if added.returncode != 0:
         raise SystemExit(f"--baseline-ref {ref}: git worktree add failed: {added.stderr.strip()}")
+    # built artifacts are git-ignored (make artifacts): the old code reads this checkout's
+    for built in (ROOT / "artifacts").iterdir():
+        if built.is_dir() and not (source / "artifacts" / built.name).exists():
+            (source / "artifacts" / built.name).symlink_to(built)
     document = yaml.safe_load(routenlp_config.read_text())
     document["routenlp_settings"]["decision_log_path"] = str(work / "baseline-decisions.jsonl")
     config = work / "baseline.yaml"
@@ -293,7 +303,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50, 200])
     parser.add_argument("--repeats", type=int, default=2, help="runs per (config, cell), alternating")
     parser.add_argument("--configs", nargs="+", default=["plain", "routenlp"],
-                        choices=["plain", "callback", "routenlp"])
+                        choices=["plain", "callback", "routenlp", "handed_off"])
     parser.add_argument("--open-rates", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                         help="open-loop Poisson rates as shares of plain's closed-loop capacity (none: skip)")
     parser.add_argument("--open-duration", type=float, default=15.0, help="seconds of arrivals per open-loop run")
@@ -302,7 +312,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None,
                         help="after the measured runs, record a py-spy flame graph (SVG) of one proxy "
                              "(--profile-config) during one extra, unmeasured open-loop run at --profile-rps")
-    parser.add_argument("--profile-config", default="routenlp", choices=["plain", "callback", "routenlp"])
+    parser.add_argument("--profile-config", default="routenlp", choices=["plain", "callback", "routenlp", "handed_off"])
     parser.add_argument("--profile-rps", type=float, default=None,
                         help="offered rate of the profiled run (default: 50%% of plain's capacity in this run)")
     parser.add_argument("--baseline-ref", default=None,
@@ -323,7 +333,7 @@ def main() -> int:
         work = Path(tmp)
         configs = write_configs(work)
         proxies = {name: ProxyProcess(configs[name], log_path=work / f"{name}.log", cwd=ROOT)
-                   for name in ("plain", "callback", "routenlp") if name in args.configs}
+                   for name in ("plain", "callback", "routenlp", "handed_off") if name in args.configs}
         if args.baseline_ref:
             proxies["baseline"] = baseline_proxy(args.baseline_ref, configs["routenlp"], work)
         memory: dict[str, dict[str, float]] = {}
@@ -343,7 +353,7 @@ def main() -> int:
                                                           "Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=60) as reply:
                     routed = reply.headers.get("x-routenlp-tier")
-                    if (name == "routenlp") != (routed is not None):
+                    if (name in ("routenlp", "handed_off", "baseline")) != (routed is not None):
                         raise SystemExit(f"{name} proxy: unexpected x-routenlp-tier header {routed!r}")
 
             def run_cell(phase: str, concurrency: int | None, rate: float | None, share: float | None) -> None:
@@ -398,6 +408,9 @@ def main() -> int:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline-src")],
                                capture_output=True)
         decision_records, escalated = count_escalations(work / "decisions.jsonl")
+        if "handed_off" in proxies:
+            more_records, more_escalated = count_escalations(work / "handed_off-decisions.jsonl")
+            decision_records, escalated = decision_records + more_records, escalated + more_escalated
     load_at_end = os.getloadavg()
 
     names = list(memory)
@@ -512,6 +525,14 @@ def add_comparison(row: dict, names: list[str]) -> None:
         row["goals_met"] = {"p50": row["added_p50_ms"] <= GOALS["added_p50_ms"],
                             "p99": row["added_p99_ms"] <= GOALS["added_p99_ms"],
                             "throughput": row["throughput_ratio"] >= GOALS["throughput_ratio"]}
+    if "plain" in names and "handed_off" in names:
+        h, p = row["handed_off"], row["plain"]
+        row["handed_off_vs_plain"] = {
+            "p50_ms": h["p50_ms"] - p["p50_ms"], "p99_ms": h["p99_ms"] - p["p99_ms"],
+            "cpu_ms_per_request": h["cpu_ms_per_request"] - p["cpu_ms_per_request"], "rps_ratio": h["rps"] / p["rps"]}
+        c = row["handed_off_vs_plain"]
+        c["goals_met"] = {"p50": c["p50_ms"] <= GOALS["added_p50_ms"], "p99": c["p99_ms"] <= GOALS["added_p99_ms"],
+                          "throughput": c["rps_ratio"] >= GOALS["throughput_ratio"]}
     if "baseline" in names and "routenlp" in names:
         row["routenlp_vs_baseline"] = {
             "p50_ms": row["routenlp"]["p50_ms"] - row["baseline"]["p50_ms"],
@@ -562,6 +583,8 @@ def print_closed(rows: list[dict], names: list[str]) -> None:
             parts.append(f"plugin vs empty callback {-c['p50_ms']:+.1f} ms p50, rps x{1 / c['rps_ratio']:.3f}")
         if "routenlp_vs_baseline" in row:
             parts.append(baseline_text(row))
+        if "handed_off_vs_plain" in row:
+            parts.append(handed_off_text(row))
         if parts:
             print(f"{row['concurrency']:>7} | attribution: " + "; ".join(parts))
 
@@ -571,6 +594,13 @@ def baseline_text(row: dict) -> str:
     return (f"routenlp vs baseline {b['p50_ms']:+.1f} ms p50, {b['p99_ms']:+.1f} ms p99, "
             f"CPU/request {b['cpu_ms_per_request']:+.2f} ms, rps x{b['rps_ratio']:.3f} "
             f"(baseline p50 {row['baseline']['p50_ms']:.1f}, p99 {row['baseline']['p99_ms']:.1f})")
+
+
+def handed_off_text(row: dict) -> str:
+    c = row["handed_off_vs_plain"]
+    return (f"handed_off vs plain {c['p50_ms']:+.1f} ms p50, {c['p99_ms']:+.1f} ms p99, "
+            f"CPU/request {c['cpu_ms_per_request']:+.2f} ms, rps x{c['rps_ratio']:.3f} "
+            f"({verdict({'goals_met': c['goals_met']})})")
 
 
 def print_open(rows: list[dict], capacity: float) -> None:
@@ -589,6 +619,8 @@ def print_open(rows: list[dict], capacity: float) -> None:
               f"proxy CPU/request {p['cpu_ms_per_request']:.2f} vs {r['cpu_ms_per_request']:.2f} ms")
         if "routenlp_vs_baseline" in row:
             print(f"{'':>12}   {baseline_text(row)}")
+        if "handed_off_vs_plain" in row:
+            print(f"{'':>12}   {handed_off_text(row)}")
 
 
 if __name__ == "__main__":

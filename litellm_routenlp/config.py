@@ -124,6 +124,11 @@ class RouteNLPSettings(BaseModel):
     thresholds_path: Optional[Path] = Field(
         default=None, description="JSON written by `routenlp calibrate`; without it the cascade never fires")
     decision_log_path: Path = Field(default=Path("logs/routenlp_decisions.jsonl"))
+    decision_log_durability: Literal["on_disk", "handed_off"] = Field(
+        default="on_disk",
+        description="on_disk: an answer leaves only after its record is written and fsync'd; handed_off: once "
+                    "the record is in the log writer's pipe (committed milliseconds later; survives a proxy "
+                    "crash, not a power loss or a kill of the writer itself). README: 'The decision log'")
     verdicts_path: Path = Field(
         default=Path("logs/routenlp_verdicts.jsonl"),
         description="durable verdict records (shadow audit, POST /routenlp/verdicts, `routenlp verdicts`)")

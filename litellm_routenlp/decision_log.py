@@ -13,13 +13,23 @@ and send the line down a pipe; the writer commits whatever is pending with one `
 reads the acknowledgements on the caller's event loop (``add_reader``: no thread hop at all);
 :meth:`DecisionLog.append` waits for them in its own thread.
 
-Durability contract (unchanged by the batching or the process): ``append`` / ``append_async`` return,
-and so the request's answer leaves, only after the writer reported that record written and
-``fsync``'d (when ``fsync`` is on).  Batching only shares one ``fsync`` between records that arrived
+Durability contract (unchanged by the batching or the process), in the default ``durability="on_disk"``:
+``append`` / ``append_async`` return, and so the request's answer leaves, only after the writer reported
+that record written and ``fsync``'d (when ``fsync`` is on).  Batching only shares one ``fsync`` between records that arrived
 together; it never delays a record to wait for others.  A failed batch fails every caller in it with
 the ``OSError`` of the failed call.  If the writer process dies, every record not yet acknowledged fails
 (``OSError`` EIO) and the next record starts a new writer, which first ends any torn last line.  If the
-proxy dies (even ``kill -9``), the writer still commits every complete record it was sent, then exits.
+proxy dies (even ``kill -9``, of the proxy or of its process group: the writer runs in its own
+session), the writer still commits every complete record it was sent, then exits.
+
+The opt-out, ``durability="handed_off"`` (``routenlp_settings.decision_log_durability``): ``append`` /
+``append_async`` return as soon as the record's line is in the writer's pipe, which is at once unless
+the pipe is full.  The writer commits it with its next batch, a fraction of a millisecond to a few
+milliseconds later, so the answer no longer waits for the ``fsync`` and the writer's wake-up.  What
+that gives up: a record is lost if the machine loses power or the writer process itself is killed
+(``SIGKILL`` of its session, the OOM killer) between the answer and that commit.  A crash or ``kill -9``
+of the proxy still loses nothing it answered.  A write or ``fsync`` that fails after the answer left is
+counted (:attr:`DecisionLog.failed_after_answer`) and logged as an error naming the count.
 
 Field cap.  Every string in a record is stored with at most :data:`FIELD_LIMIT` characters; a longer
 one keeps its first ``FIELD_LIMIT`` characters followed by the marker ``"…[+N chars cut]"`` (N the
@@ -33,6 +43,7 @@ import asyncio
 import collections
 import errno
 import json
+import logging
 import os
 import select
 import subprocess
@@ -49,6 +60,9 @@ from routenlp_core.decision_record import DecisionRecord
 from . import decision_log_writer
 from .decision_log_writer import FRAME_BYTES, read_frame
 
+logger = logging.getLogger("litellm_routenlp")
+
+DURABILITY = ("on_disk", "handed_off")  # module docstring
 FIELD_LIMIT = 8192  # characters kept per string field of a record (module docstring)
 CUT_MARKER = "…[+{} chars cut]"
 
@@ -97,7 +111,8 @@ def start_writer_process(log_fd: int, fsync: bool, max_batch_records: int, max_b
     process = subprocess.Popen(
         [sys.executable, "-S", "-E", decision_log_writer.__file__, str(log_fd), "1" if fsync else "0",
          str(max_batch_records), str(max_batch_bytes)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(log_fd,), close_fds=True, bufsize=0)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(log_fd,), close_fds=True, bufsize=0,
+        start_new_session=True)  # a kill of the proxy's process group leaves it to commit what it was sent
     assert process.stdin is not None and process.stdout is not None
     send_fd, ack_fd = os.dup(process.stdin.fileno()), os.dup(process.stdout.fileno())
     process.stdin.close()
@@ -111,7 +126,9 @@ start_writer: Callable[[int, bool, int, int], WriterLink] = start_writer_process
 
 @dataclass
 class _Waiter:
-    """Who waits for one record: an asyncio future on ``loop``, or a ``concurrent.futures.Future``."""
+    """Who waits for one record: an asyncio future on ``loop``, or a ``concurrent.futures.Future``.
+    ``done_at`` is the record's number with the current writer (``on_disk``: resolved by the writer's
+    acknowledgement), or the byte offset its line ends at (``handed_off``: resolved once in the pipe)."""
 
     done_at: int
     future: Any
@@ -128,13 +145,18 @@ class _State:
     fsync: bool
     max_batch_records: int
     max_batch_bytes: int
+    durability: str = "on_disk"
     lock: threading.Lock = field(default_factory=threading.Lock)
     link: WriterLink | None = None
     sent: int = 0  # records sent to the current writer
     done: int = 0  # records it acknowledged (or failed)
     backlog: bytearray = field(default_factory=bytearray)  # lines the pipe did not take yet
     acks: bytes = b""  # a partial frame
-    waiters: collections.deque = field(default_factory=collections.deque)
+    waiters: collections.deque = field(default_factory=collections.deque)  # on_disk: until acknowledged
+    handoffs: collections.deque = field(default_factory=collections.deque)  # handed_off: until in the pipe
+    queued: int = 0  # bytes of lines given to the current writer's backlog
+    piped: int = 0  # bytes of them written into its pipe
+    failed_after_answer: int = 0  # handed_off: records whose commit failed or was lost after they returned
     loops: dict = field(default_factory=dict)  # event loop -> the ack fd its reader watches
     closed: bool = False
     commits: int = 0  # batches acknowledged: how many fsyncs the records shared
@@ -148,7 +170,7 @@ class _State:
             self.link = start_writer(self.fd, self.fsync, self.max_batch_records, self.max_batch_bytes)
             os.set_blocking(self.link.send_fd, False)
             os.set_blocking(self.link.ack_fd, False)
-            self.sent = self.done = 0
+            self.sent = self.done = self.queued = self.piped = 0
             self.acks = b""
         return self.link
 
@@ -159,8 +181,12 @@ class _State:
             return
         self._unwatch(link.ack_fd)
         error = OSError(errno.EIO, f"decision log writer for {self.path.name} {why}; record not known to be on disk")
+        if self.durability == "handed_off":
+            self.lost_after_answer(self.sent - self.done - len(self.handoffs), f"the writer {why}")
         while self.waiters:
             resolve(self.waiters.popleft(), error)
+        while self.handoffs:
+            resolve(self.handoffs.popleft(), error)
         self.backlog.clear()
         for fd in (link.send_fd, link.ack_fd):
             try:
@@ -197,11 +223,32 @@ class _State:
             if loop is not None:
                 self.watch(loop)
             self.sent += 1
-            waiter = waiter_for(self.sent)
-            self.waiters.append(waiter)
             self.backlog += line
+            self.queued += len(line)
+            if self.durability == "on_disk":
+                waiter = waiter_for(self.sent)
+                self.waiters.append(waiter)
+            else:
+                waiter = waiter_for(self.queued)
+                self.handoffs.append(waiter)
             self.flush(link)
             return waiter
+
+    def lost_after_answer(self, count: int, why: str) -> None:
+        """handed_off: ``count`` records that already returned are not known to be on disk (lock held)."""
+        if count <= 0:
+            return
+        self.failed_after_answer += count
+        logger.error("RouteNLP: %d decision record(s) of %s returned before their commit and are not known to "
+                     "be on disk (%s); %d so far (decision_log_durability: handed_off)",
+                     count, self.path.name, why, self.failed_after_answer)
+
+    def _piped(self, count: int) -> None:
+        """``count`` more backlog bytes are in the pipe: release the handed-off records they complete."""
+        del self.backlog[:count]
+        self.piped += count
+        while self.handoffs and self.handoffs[0].done_at <= self.piped:
+            resolve(self.handoffs.popleft(), None)
 
     def flush(self, link: WriterLink) -> None:
         """Write as much of the backlog as the pipe takes now (never blocks; the rest goes with the next
@@ -214,7 +261,7 @@ class _State:
             except OSError:  # EPIPE: the writer died
                 self.writer_lost("exited")
                 return
-            del self.backlog[:count]
+            self._piped(count)
 
     def drain(self) -> None:
         """Read every frame that has arrived and resolve the records it covers (any thread, never blocks)."""
@@ -238,6 +285,8 @@ class _State:
                 done, code = read_frame(data[start:start + FRAME_BYTES])
                 error = None if code == 0 else OSError(code, f"{os.strerror(code)} (decision log {self.path.name})")
                 self.commits += 1
+                if error is not None and self.durability == "handed_off":
+                    self.lost_after_answer(done - self.done, str(error))
                 self.done = done
                 while self.waiters and self.waiters[0].done_at <= done:
                     resolve(self.waiters.popleft(), error)
@@ -271,7 +320,7 @@ class _State:
                 os.set_blocking(link.send_fd, True)
                 try:
                     while self.backlog:
-                        del self.backlog[:os.write(link.send_fd, self.backlog)]
+                        self._piped(os.write(link.send_fd, self.backlog))
                 except OSError:
                     self.backlog.clear()
                 os.close(link.send_fd)  # end of input: the writer commits the rest, acknowledges it and exits
@@ -331,18 +380,22 @@ class DecisionLog:
     """Appends decision records to ``path``; safe to share between threads and event loops of one process.
 
     ``append`` (blocking) and ``append_async`` (awaitable) return only once the writer process reports the
-    record on disk (module docstring).
+    record on disk, or with ``durability="handed_off"`` once the record is in the writer's pipe (module
+    docstring).
     """
 
-    def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *, durability: str = "on_disk",
                  max_batch_records: int = 256, max_batch_bytes: int = 256 << 10) -> None:
         if max_batch_records < 1 or max_batch_bytes < 1:
             raise ValueError("max_batch_records and max_batch_bytes must be >= 1")
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {DURABILITY}, not {durability!r}")
+        self.durability = durability
         self.path = Path(path)
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._state = _State(self.path, fd, fsync, max_batch_records, max_batch_bytes)
+        self._state = _State(self.path, fd, fsync, max_batch_records, max_batch_bytes, durability)
         with self._state.lock:
             self._state.ensure_writer()  # start it now: the first answer should not wait for a process start
         self._finalizer = weakref.finalize(self, self._state.stop)
@@ -351,6 +404,11 @@ class DecisionLog:
     def commits(self) -> int:
         """Batches acknowledged so far (each one ``write`` and one ``fsync``), for tests and benchmarks."""
         return self._state.commits
+
+    @property
+    def failed_after_answer(self) -> int:
+        """``handed_off``: records that returned but whose commit failed or whose writer was lost first."""
+        return self._state.failed_after_answer
 
     @property
     def writer_pid(self) -> int | None:
@@ -365,7 +423,8 @@ class DecisionLog:
         return (json.dumps(cap_strings(raw), ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
 
     def append(self, record: DecisionRecord | Mapping[str, Any]) -> None:
-        """Blocking append: returns once the record is on disk (raises the writer's ``OSError`` if not)."""
+        """Blocking append: returns once the record is on disk, or in the pipe when handed off (raises the
+        writer's ``OSError`` if not)."""
         line = self._line(record)  # a bad record fails here, in the caller
         waiter = self._state.send(line, lambda done_at: _Waiter(done_at, Future()))
         self._state.wait(waiter)
@@ -377,6 +436,7 @@ class DecisionLog:
         loop = asyncio.get_running_loop()
         waiter = self._state.send(line, lambda done_at: _Waiter(done_at, loop.create_future(), loop), loop)
         # Awaited through a shield-free future: a cancelled caller stops waiting, its record is still written.
+        # A handed-off record is usually in the pipe already: awaiting a done future does not yield.
         await waiter.future
 
     def close(self) -> None:

@@ -203,8 +203,8 @@ class RouteNLPCallback(CustomLogger):
                 logger.warning("RouteNLP: tasks %s are not known to the router; they use its task-agnostic "
                                "embedding", unknown)
         prometheus_metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
-        callback = cls(settings, tier_table, router, thresholds, DecisionLog(settings.decision_log_path),
-                       llm_router=llm_router, policy=policy)
+        decision_log = DecisionLog(settings.decision_log_path, durability=settings.decision_log_durability)
+        callback = cls(settings, tier_table, router, thresholds, decision_log, llm_router=llm_router, policy=policy)
         try:
             callback.adaptation = online_adaptation.build(settings, document)
         except ValueError as error:
@@ -482,8 +482,9 @@ class RouteNLPCallback(CustomLogger):
                       cost_known: bool = True) -> None:
         """Remember the outcome for the headers hook and write the durable decision record.
 
-        The record is on disk (fsync'd) before the answer leaves; the fsync runs in a worker thread
-        so the event loop keeps serving other requests meanwhile.  Every string field is capped by
+        The record is on disk (fsync'd by the log's writer process) before the answer leaves, or, with
+        ``decision_log_durability: handed_off``, in that process's pipe (decision_log.py says what that
+        gives up); the event loop keeps serving other requests meanwhile.  Every string field is capped by
         the log (``decision_log.FIELD_LIMIT``, with a cut marker)."""
         decision = state.decision
         logging_off = _message_logging_off(data)

@@ -380,6 +380,137 @@ def test_the_writer_process_commits_what_it_was_sent_after_its_caller_is_killed(
     assert sorted(_ids(path)) == sorted(f"k{i}" for i in range(400))
 
 
+# ------------------------------------------------------------------ durability: handed_off (the opt-out)
+def test_handed_off_records_return_before_their_commit_and_are_committed_after(tmp_path, monkeypatch, in_thread):
+    """The opt-out: append_async returns while the writer is still inside the first fsync (on_disk would
+    wait for it, test_records_that_arrive_together_share_one_fsync_and_wait_for_it)."""
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path, durability="handed_off")
+    fsyncs = _GatedFsync(monkeypatch, log, hold_first=True)
+
+    async def main():
+        await asyncio.wait_for(log.append_async({"request_id": "first"}), 5)
+        assert await asyncio.to_thread(fsyncs.entered.wait, 10)
+        for i in range(50):  # all return at once, none is on disk yet
+            await asyncio.wait_for(log.append_async({"request_id": f"r{i}"}), 5)
+        log.append({"request_id": "sync"})
+        assert log.commits == 0 and log._state.done == 0
+        fsyncs.release.set()
+
+    asyncio.run(main())
+    log.close()
+    assert _ids(path) == ["first", *(f"r{i}" for i in range(50)), "sync"]
+    assert log.failed_after_answer == 0
+
+
+def test_handed_off_waits_while_the_pipe_is_full_and_returns_once_its_line_is_in_it(tmp_path, monkeypatch):
+    """A record still in the proxy's own memory (the pipe took only part of the backlog) has not been
+    handed off: its caller waits until the writer has read enough for the line to fit."""
+    path = tmp_path / "d.jsonl"
+    records_r, records_w = os.pipe()
+    acks_r, acks_w = os.pipe()
+    reading = threading.Event()
+
+    def run():
+        assert reading.wait(30)
+        serve(records_r, acks_w, log_fd, False, 256, 256 << 10)
+        os.close(records_r)
+        os.close(acks_w)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    link = WriterLink(records_w, acks_r, thread.join, thread.is_alive)
+    monkeypatch.setattr(decision_log, "start_writer", lambda *args: link)  # a writer that has not started reading
+    log = DecisionLog(path, fsync=False, durability="handed_off")
+    log_fd = log._state.fd  # read by run() once `reading` is set
+    big = ["x" * 8000] * 6  # 48 kB a record (each string within FIELD_LIMIT): two do not fit a 64 KiB pipe
+
+    async def main():
+        await asyncio.wait_for(log.append_async({"request_id": "b0", "pad": big}), 5)
+        stuck = asyncio.ensure_future(log.append_async({"request_id": "b1", "pad": big}))
+        await asyncio.sleep(0.2)
+        assert not stuck.done() and log._state.backlog, "b1 cannot be in the full pipe yet"
+        reading.set()  # the writer starts reading: its acknowledgement flushes the backlog
+        await asyncio.wait_for(stuck, 10)
+
+    asyncio.run(main())
+    log.close()
+    assert _ids(path) == ["b0", "b1"]
+
+
+def test_handed_off_commit_failures_after_the_answer_are_counted_and_logged(tmp_path, monkeypatch, in_thread,
+                                                                         caplog):
+    path = tmp_path / "d.jsonl"
+    log = DecisionLog(path, durability="handed_off")
+    fd = log._state.fd
+    real = os.fsync
+
+    def failing(target):
+        if target == fd:
+            raise OSError(errno.EIO, "disk gone")
+        return real(target)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with caplog.at_level("ERROR", logger="litellm_routenlp"):
+        log.append({"request_id": "lost"})  # returns: it was handed off
+        deadline = time.monotonic() + 10
+        while log.failed_after_answer == 0 and time.monotonic() < deadline:
+            log._state.drain()  # no event loop reads this log's acknowledgements: read them here
+            time.sleep(0.01)
+    assert log.failed_after_answer == 1
+    assert any("not known to be on disk" in r.getMessage() and os.strerror(errno.EIO) in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setattr(os, "fsync", real)
+    log.append({"request_id": "next"})
+    log.close()
+    assert "next" in _ids(path)
+
+
+def test_handed_off_records_survive_a_kill_9_of_the_callers_process_group(tmp_path):
+    """kill -9 of the caller's whole process group while its handed-off records are still in the pipe (the
+    writer is held with SIGSTOP, so none is committed yet): the writer, in its own session, survives the
+    kill and commits every one of them once it runs again."""
+    import subprocess
+    import sys
+    path = tmp_path / "d.jsonl"
+    script = (
+        "import asyncio, os, signal\n"
+        "from litellm_routenlp.decision_log import DecisionLog\n"
+        f"log = DecisionLog({str(path)!r}, durability='handed_off')\n"
+        "os.kill(log.writer_pid, signal.SIGSTOP)\n"
+        "async def main():\n"
+        "    await asyncio.wait_for(asyncio.gather(*(log.append_async({'request_id': f'h{i}'}) for i in range(200))), 10)\n"
+        "    print(log.writer_pid, log.commits, flush=True)\n"
+        "    os.killpg(0, signal.SIGKILL)\n"
+        "asyncio.run(main())\n")
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:  # files: the surviving writer holds stderr open
+        child = subprocess.run([sys.executable, "-c", script], stdout=stdout, stderr=stderr, timeout=60,
+                               cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True)
+    assert child.returncode == -9, err.read_text()
+    pid, commits = (int(v) for v in out.read_text().split())
+    assert commits == 0  # every append returned before anything was committed
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        raise AssertionError("the writer died with its caller's process group") from None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the writer did not exit after its caller died")
+    assert sorted(_ids(path)) == sorted(f"h{i}" for i in range(200))
+
+
+def test_durability_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="durability must be one of"):
+        DecisionLog(tmp_path / "d.jsonl", durability="eventually")
+
+
 def test_cancelled_caller_still_gets_its_record_written(tmp_path, monkeypatch, in_thread):
     path = tmp_path / "d.jsonl"
     log = DecisionLog(path)

@@ -375,6 +375,42 @@ def test_decision_log_survives_kill_9_under_load(proxy, queries):
           f"{len(records)} records, all acknowledged present and readable")
 
 
+@pytest.mark.proxy
+def test_handed_off_decision_log_loses_no_answered_record_when_the_proxy_group_is_killed(tmp_path, queries):
+    """``decision_log_durability: handed_off`` (answers do not wait for the fsync): SIGKILL of the proxy's
+    whole process group under 64 clients.  The log writer runs in its own session, so every answered
+    request's record is still committed; the file stays line-complete."""
+    from conftest import mock_deployments, write_proxy_config
+
+    def mutate(document):
+        document["model_list"] = mock_deployments()
+
+    config = write_proxy_config(tmp_path, mutate, decision_log_durability="handed_off")
+    texts = [(t, "banking77") for t, _ in queries["banking77"]] * 3
+    jobs = [body(text, task) for text, task in texts]
+    with running_proxy(config, tmp_path) as process:
+        def killer():
+            time.sleep(3.0)
+            os.killpg(process.process.pid, signal.SIGKILL)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        results = send_all(process, jobs, 64, stop_after=30, stop_on_error=True)
+        thread.join()
+        process.process.wait(timeout=30)
+    assert process.process.returncode == -signal.SIGKILL
+    answered = [r["headers"]["x-litellm-call-id"] for r in results if r.get("status") == 200]
+    assert len(answered) >= 30 and any(r.get("status") != 200 for r in results), "the kill must come under load"
+    deadline, missing = time.monotonic() + 15, answered
+    while missing and time.monotonic() < deadline:  # the writer commits what it was sent, then exits
+        time.sleep(0.2)
+        by_id = {r.get("client_call_id"): r for r in read_decisions(process.decision_log, strict=True)}
+        missing = [call_id for call_id in answered if call_id not in by_id]
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests have no decision record"
+    assert process.decision_log.read_bytes().endswith(b"\n")
+    print(f"\nhanded_off, kill -9 of the proxy group: {len(answered)} answered, all recorded")
+
+
 # ----------------------------------------------------------------------------------------- hook level
 def _callback(tmp_path, mutate=None):
     from litellm_routenlp.plugin import RouteNLPCallback
