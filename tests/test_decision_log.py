@@ -344,6 +344,18 @@ def test_a_dead_writer_fails_what_it_did_not_acknowledge_and_the_next_record_sta
     assert _ids(path) == ["before", "after", "after-async"]
 
 
+def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+    """The writer exits once its caller is gone (end of input): wait for that, or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the writer did not exit after its caller died")
+
+
 def test_the_writer_process_commits_what_it_was_sent_after_its_caller_is_killed(tmp_path):
     """kill -9 of the process holding the log: every record it sent is still committed (acknowledged ones
     certainly; the writer reads to end of input)."""
@@ -368,15 +380,7 @@ def test_the_writer_process_commits_what_it_was_sent_after_its_caller_is_killed(
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert done.returncode == -9, done.stderr
     pid = int(done.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the writer did not exit after its caller died")
+    _wait_for_exit(pid)
     assert sorted(_ids(path)) == sorted(f"k{i}" for i in range(400))
 
 
@@ -494,15 +498,7 @@ def test_handed_off_records_survive_a_kill_9_of_the_callers_process_group(tmp_pa
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         raise AssertionError("the writer died with its caller's process group") from None
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the writer did not exit after its caller died")
+    _wait_for_exit(pid)
     assert sorted(_ids(path)) == sorted(f"h{i}" for i in range(200))
 
 

@@ -335,15 +335,10 @@ def test_no_unauthenticated_access(proxy):
 
 
 # ----------------------------------------------------------------------------------------- 3. kill -9
-@pytest.mark.proxy
-def test_decision_log_survives_kill_9_under_load(proxy, queries):
-    """Runs last: SIGKILL while 64 clients are sending. Every acknowledged request has its record,
-    whole; the strict reader does not choke; a new writer appends cleanly after the crash."""
-    texts = [(t, "banking77") for t, _ in queries["banking77"]] + [(t, "bitext") for t, w in queries["bitext"] if w == 3]
-    jobs = [body(text, task) for text, task in texts * 4]
-
+def send_and_kill_group(proxy, jobs: list[dict], after_s: float) -> list[dict]:
+    """64 clients work through ``jobs``; ``after_s`` seconds in, SIGKILL of the proxy's process group."""
     def killer():
-        time.sleep(4.0)
+        time.sleep(after_s)
         os.killpg(proxy.process.pid, signal.SIGKILL)
 
     thread = threading.Thread(target=killer)
@@ -352,6 +347,16 @@ def test_decision_log_survives_kill_9_under_load(proxy, queries):
     thread.join()
     proxy.process.wait(timeout=30)
     assert proxy.process.returncode == -signal.SIGKILL
+    return results
+
+
+@pytest.mark.proxy
+def test_decision_log_survives_kill_9_under_load(proxy, queries):
+    """Runs last: SIGKILL while 64 clients are sending. Every acknowledged request has its record,
+    whole; the strict reader does not choke; a new writer appends cleanly after the crash."""
+    texts = [(t, "banking77") for t, _ in queries["banking77"]] + [(t, "bitext") for t, w in queries["bitext"] if w == 3]
+    jobs = [body(text, task) for text, task in texts * 4]
+    results = send_and_kill_group(proxy, jobs, after_s=4.0)
     acknowledged = [r["headers"]["x-litellm-call-id"] for r in results if r.get("status") == 200]
     cut_off = [r for r in results if r.get("status") != 200]
     assert len(acknowledged) >= 30, f"only {len(acknowledged)} requests were answered before the kill"
@@ -389,16 +394,7 @@ def test_handed_off_decision_log_loses_no_answered_record_when_the_proxy_group_i
     texts = [(t, "banking77") for t, _ in queries["banking77"]] * 3
     jobs = [body(text, task) for text, task in texts]
     with running_proxy(config, tmp_path) as process:
-        def killer():
-            time.sleep(3.0)
-            os.killpg(process.process.pid, signal.SIGKILL)
-
-        thread = threading.Thread(target=killer)
-        thread.start()
-        results = send_all(process, jobs, 64, stop_after=30, stop_on_error=True)
-        thread.join()
-        process.process.wait(timeout=30)
-    assert process.process.returncode == -signal.SIGKILL
+        results = send_and_kill_group(process, jobs, after_s=3.0)
     answered = [r["headers"]["x-litellm-call-id"] for r in results if r.get("status") == 200]
     assert len(answered) >= 30 and any(r.get("status") != 200 for r in results), "the kill must come under load"
     deadline, missing = time.monotonic() + 15, answered
