@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 8] [--concurrency 1 50 200] [--repeats 2]
                                                   [--open-rates 0.25 0.5 0.75] [--open-duration 15]
-                                                  [--configs plain routenlp [handed_off] [callback]]
+                                                  [--configs plain routenlp [handed_off] [router_process] [callback]]
                                                   [--profile SVG [--profile-config plain]]
                                                   [--baseline-ref GIT_REF]
 
@@ -16,6 +16,8 @@ Real ``litellm --config`` proxies on loopback with the SAME four deployments of 
 * ``handed_off`` (``--configs plain routenlp handed_off``): ``routenlp`` with
   ``decision_log_durability: handed_off``, the opt-out in which an answer waits only until its record is
   in the log writer's pipe, not for the ``fsync`` (README, "The decision log");
+* ``router_process``: ``routenlp`` with ``router_execution: process`` (the router in its own process,
+  router_worker.py);
 * ``callback`` (attribution only, ``--configs plain callback routenlp``): the same plus a
   ``CustomLogger`` that overrides nothing, so ``routenlp - callback`` is the plugin's own work and
   ``callback - plain`` what LiteLLM's callback machinery costs any callback;
@@ -73,6 +75,11 @@ sys.path.insert(0, str(ROOT))
 from litellm_routenlp.proxy_process import ProxyProcess  # noqa: E402
 
 GOALS = {"added_p50_ms": 5.0, "added_p99_ms": 15.0, "throughput_ratio": 0.90}
+#: the plugin proxy with one routenlp setting changed, each measured against plain LiteLLM
+VARIANTS = {"handed_off": {"decision_log_durability": "handed_off"},
+            "router_process": {"router_execution": "process"},
+            "process_handed_off": {"router_execution": "process", "decision_log_durability": "handed_off"}}
+CONFIGS = ["plain", "callback", "routenlp", *VARIANTS]
 PRICES = (0.00001, 0.0001, 0.0008, 0.008)
 
 
@@ -127,10 +134,12 @@ def write_configs(work: Path) -> dict[str, Path]:
               "routenlp_settings": settings}
     callback = {**plain, "litellm_settings": {"callbacks": "noop_callback.noop"}}
     (work / "noop_callback.py").write_text(NOOP_CALLBACK)
-    handed_off = {**plugin, "routenlp_settings": {**settings, "decision_log_durability": "handed_off",
-                                                  "decision_log_path": str(work / "handed_off-decisions.jsonl")}}
+    documents = {"plain": plain, "callback": callback, "routenlp": plugin}
+    for name, changed in VARIANTS.items():  # the plugin with one setting changed, each with its own log
+        documents[name] = {**plugin, "routenlp_settings": {**settings, **changed,
+                                                           "decision_log_path": str(work / f"{name}-decisions.jsonl")}}
     paths = {}
-    for name, document in (("plain", plain), ("callback", callback), ("routenlp", plugin), ("handed_off", handed_off)):
+    for name, document in documents.items():
         paths[name] = work / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(document, sort_keys=False))
     return paths
@@ -303,7 +312,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50, 200])
     parser.add_argument("--repeats", type=int, default=2, help="runs per (config, cell), alternating")
     parser.add_argument("--configs", nargs="+", default=["plain", "routenlp"],
-                        choices=["plain", "callback", "routenlp", "handed_off"])
+                        choices=CONFIGS)
     parser.add_argument("--open-rates", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                         help="open-loop Poisson rates as shares of plain's closed-loop capacity (none: skip)")
     parser.add_argument("--open-duration", type=float, default=15.0, help="seconds of arrivals per open-loop run")
@@ -312,7 +321,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None,
                         help="after the measured runs, record a py-spy flame graph (SVG) of one proxy "
                              "(--profile-config) during one extra, unmeasured open-loop run at --profile-rps")
-    parser.add_argument("--profile-config", default="routenlp", choices=["plain", "callback", "routenlp", "handed_off"])
+    parser.add_argument("--profile-config", default="routenlp", choices=CONFIGS)
     parser.add_argument("--profile-rps", type=float, default=None,
                         help="offered rate of the profiled run (default: 50%% of plain's capacity in this run)")
     parser.add_argument("--baseline-ref", default=None,
@@ -333,7 +342,7 @@ def main() -> int:
         work = Path(tmp)
         configs = write_configs(work)
         proxies = {name: ProxyProcess(configs[name], log_path=work / f"{name}.log", cwd=ROOT)
-                   for name in ("plain", "callback", "routenlp", "handed_off") if name in args.configs}
+                   for name in CONFIGS if name in args.configs}
         if args.baseline_ref:
             proxies["baseline"] = baseline_proxy(args.baseline_ref, configs["routenlp"], work)
         memory: dict[str, dict[str, float]] = {}
@@ -353,7 +362,7 @@ def main() -> int:
                                                           "Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=60) as reply:
                     routed = reply.headers.get("x-routenlp-tier")
-                    if (name in ("routenlp", "handed_off", "baseline")) != (routed is not None):
+                    if (name in ("routenlp", "baseline", *VARIANTS)) != (routed is not None):
                         raise SystemExit(f"{name} proxy: unexpected x-routenlp-tier header {routed!r}")
 
             def run_cell(phase: str, concurrency: int | None, rate: float | None, share: float | None) -> None:
@@ -408,9 +417,14 @@ def main() -> int:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline-src")],
                                capture_output=True)
         decision_records, escalated = count_escalations(work / "decisions.jsonl")
-        if "handed_off" in proxies:
-            more_records, more_escalated = count_escalations(work / "handed_off-decisions.jsonl")
-            decision_records, escalated = decision_records + more_records, escalated + more_escalated
+        # a lost, stuck or failing router process logs one warning each time (router_process.py); its
+        # queries were then routed in the proxy, so the run is still like for like, but say so
+        router_process_warnings = {name: (work / f"{name}.log").read_text(errors="replace").count("RouteNLP: router process")
+                                   for name in proxies if (work / f"{name}.log").is_file()}
+        for name in VARIANTS:
+            if name in proxies:
+                more_records, more_escalated = count_escalations(work / f"{name}-decisions.jsonl")
+                decision_records, escalated = decision_records + more_records, escalated + more_escalated
     load_at_end = os.getloadavg()
 
     names = list(memory)
@@ -427,6 +441,10 @@ def main() -> int:
         print_open(opened, capacity)
     if "routenlp" in names:
         print(f"\ndecision records {decision_records}; requests with more than one attempt (escalated): {escalated}")
+    for name in names:
+        if name in router_process_warnings and VARIANTS.get(name, {}).get("router_execution") == "process":
+            print(f"{name}: router process warnings (lost, stuck or failing; its queries then routed in the "
+                  f"proxy): {router_process_warnings[name]}")
     print()
     for name, mem in memory.items():
         print(f"{name:<9} proxy RSS: idle {mem['idle_rss_mb']:.0f} MB, after load {mem['after_load_rss_mb']:.0f} MB "
@@ -525,12 +543,13 @@ def add_comparison(row: dict, names: list[str]) -> None:
         row["goals_met"] = {"p50": row["added_p50_ms"] <= GOALS["added_p50_ms"],
                             "p99": row["added_p99_ms"] <= GOALS["added_p99_ms"],
                             "throughput": row["throughput_ratio"] >= GOALS["throughput_ratio"]}
-    if "plain" in names and "handed_off" in names:
-        h, p = row["handed_off"], row["plain"]
-        row["handed_off_vs_plain"] = {
+    for variant in VARIANTS:
+        if "plain" not in names or variant not in names:
+            continue
+        h, p = row[variant], row["plain"]
+        c = row[f"{variant}_vs_plain"] = {
             "p50_ms": h["p50_ms"] - p["p50_ms"], "p99_ms": h["p99_ms"] - p["p99_ms"],
             "cpu_ms_per_request": h["cpu_ms_per_request"] - p["cpu_ms_per_request"], "rps_ratio": h["rps"] / p["rps"]}
-        c = row["handed_off_vs_plain"]
         c["goals_met"] = {"p50": c["p50_ms"] <= GOALS["added_p50_ms"], "p99": c["p99_ms"] <= GOALS["added_p99_ms"],
                           "throughput": c["rps_ratio"] >= GOALS["throughput_ratio"]}
     if "baseline" in names and "routenlp" in names:
@@ -583,8 +602,7 @@ def print_closed(rows: list[dict], names: list[str]) -> None:
             parts.append(f"plugin vs empty callback {-c['p50_ms']:+.1f} ms p50, rps x{1 / c['rps_ratio']:.3f}")
         if "routenlp_vs_baseline" in row:
             parts.append(baseline_text(row))
-        if "handed_off_vs_plain" in row:
-            parts.append(handed_off_text(row))
+        parts += [variant_text(row, v) for v in VARIANTS if f"{v}_vs_plain" in row]
         if parts:
             print(f"{row['concurrency']:>7} | attribution: " + "; ".join(parts))
 
@@ -596,9 +614,9 @@ def baseline_text(row: dict) -> str:
             f"(baseline p50 {row['baseline']['p50_ms']:.1f}, p99 {row['baseline']['p99_ms']:.1f})")
 
 
-def handed_off_text(row: dict) -> str:
-    c = row["handed_off_vs_plain"]
-    return (f"handed_off vs plain {c['p50_ms']:+.1f} ms p50, {c['p99_ms']:+.1f} ms p99, "
+def variant_text(row: dict, variant: str) -> str:
+    c = row[f"{variant}_vs_plain"]
+    return (f"{variant} vs plain {c['p50_ms']:+.1f} ms p50, {c['p99_ms']:+.1f} ms p99, "
             f"CPU/request {c['cpu_ms_per_request']:+.2f} ms, rps x{c['rps_ratio']:.3f} "
             f"({verdict({'goals_met': c['goals_met']})})")
 
@@ -619,8 +637,9 @@ def print_open(rows: list[dict], capacity: float) -> None:
               f"proxy CPU/request {p['cpu_ms_per_request']:.2f} vs {r['cpu_ms_per_request']:.2f} ms")
         if "routenlp_vs_baseline" in row:
             print(f"{'':>12}   {baseline_text(row)}")
-        if "handed_off_vs_plain" in row:
-            print(f"{'':>12}   {handed_off_text(row)}")
+        for variant in VARIANTS:
+            if f"{variant}_vs_plain" in row:
+                print(f"{'':>12}   {variant_text(row, variant)}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,12 @@ class RouteNLPSettings(BaseModel):
     encoder_dir: Optional[Path] = Field(
         default=None, description="encoder ONNX directory; default: the one router.json names")
     router_quantized: bool = Field(default=True, description="serve the int8 graphs (faster, >=98% agreement)")
+    router_execution: Literal["in_proxy", "process"] = Field(
+        default="in_proxy",
+        description="in_proxy: the router runs on the proxy's event loop (a worker thread for a transformer "
+                    "encoder); process: in its own process, the loop only writes the query to a pipe and reads "
+                    "the estimates (the router in the proxy answers while that process starts or if it fails). "
+                    "README: 'The proxy with the plugin vs the plain LiteLLM proxy'")
     thresholds_path: Optional[Path] = Field(
         default=None, description="JSON written by `routenlp calibrate`; without it the cascade never fires")
     decision_log_path: Path = Field(default=Path("logs/routenlp_decisions.jsonl"))

@@ -56,6 +56,7 @@ from .routers import Router, RouterSettingError, build_router
 from .policy import ConformalThresholds, PolicyError, StartState, check_fitted_under, policy_from_document, \
     read_policy_document, router_sha256
 from .request_state import STATE_KEY, RequestState, state_of
+from .router_process import RouterProcess
 from .routing import RoutingDecision, healthy_fallback
 from .shadow_audit import AuditBudget, ShadowAudit
 from .spend_tags import call_metadata, tag_audit_call, tag_routed_call, task_label
@@ -133,6 +134,8 @@ class RouteNLPCallback(CustomLogger):
         self.decision_log = decision_log
         self._llm_router = llm_router  # set for SDK use; the proxy's router is looked up lazily
         self._router_offload = router is not None and router.blocking
+        # router_execution: process (router_process.py); set by from_config, which knows the config path
+        self.router_process: Optional[RouterProcess] = None
         self.tier_names = {k: (router.tiers[k - 1] if router else f"T{k}") for k in range(1, tier_table.count + 1)}
         self._secret = secrets.token_bytes(32)  # seals escalation pins and audit markers; never leaves the process
         # SLA-aware routing (latency_budget.py): None when no task declares latency_budget_ms
@@ -205,6 +208,8 @@ class RouteNLPCallback(CustomLogger):
         prometheus_metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
         decision_log = DecisionLog(settings.decision_log_path, durability=settings.decision_log_durability)
         callback = cls(settings, tier_table, router, thresholds, decision_log, llm_router=llm_router, policy=policy)
+        if router is not None and settings.router_execution == "process":
+            callback.router_process = RouterProcess(config_path, tiers=tier_table.count)
         try:
             callback.adaptation = online_adaptation.build(settings, document)
         except ValueError as error:
@@ -224,23 +229,52 @@ class RouteNLPCallback(CustomLogger):
         return model == self.settings.model_alias
 
     def decide(self, messages: Any, metadata: dict[str, Any]) -> RoutingDecision:
-        """Resolve the task and run the router (no health information yet).
-
-        The encoder cuts the query by characters before tokenising it (``encoder.CHARS_PER_TOKEN``),
-        so a 5 MB prompt costs what a 4 KB one does here."""
-        task, status = resolve_task(metadata, self.settings)
+        """Resolve the task and run the router here (no health information yet)."""
+        task, status, text = self._router_query(messages, metadata)
         started = time.perf_counter()
-        acceptance: Optional[list[float]] = None
+        estimates = None if text is None else self._predict_here(text, task)
+        return self._decision(task, status, estimates, started)
+
+    async def decide_async(self, messages: Any, metadata: dict[str, Any]) -> RoutingDecision:
+        """:meth:`decide` as the pre-call hook runs it: in the router process when there is one (the
+        router here answers whenever it cannot), in a worker thread for a blocking router, else inline."""
+        if self.router_process is None:
+            if self._router_offload:
+                # a transformer encoder takes milliseconds and ONNX Runtime releases the GIL: off the
+                # event loop, the router overlaps other requests
+                return await asyncio.to_thread(self.decide, messages, metadata)
+            return self.decide(messages, metadata)  # a static encoder's lookup costs less than a thread hop
+        task, status, text = self._router_query(messages, metadata)
+        started = time.perf_counter()
+        estimates = None if text is None else await self.router_process.predict(text, task or "")
+        if estimates is None and text is not None:
+            estimates = self._predict_here(text, task)
+        return self._decision(task, status, estimates, started)
+
+    def _router_query(self, messages: Any, metadata: dict[str, Any]) -> tuple[Optional[str], str, Optional[str]]:
+        """(task, task status, the text the router reads or None when the router is not asked).
+
+        The text is cut at the router's ``max_chars`` (the same cut its encoder makes), so a 5 MB prompt
+        costs what a 4 KB one does here and no 5 MB string goes further."""
+        task, status = resolve_task(metadata, self.settings)
         if self.router is None or (status != "known" and self.settings.unknown_task_policy == "top_tier"):
-            probabilities = [0.0] * (self.tiers.count - 1) + [1.0]
+            return task, status, None
+        text = query_text(messages)
+        cut = self.router.max_chars
+        return task, status, text if cut is None else text[:cut]
+
+    def _predict_here(self, text: str, task: Optional[str]) -> tuple[list[float], Optional[list[float]]]:
+        assert self.router is not None
+        estimates = self.router.predict([text], [task or ""])  # one head run, both outputs
+        acceptance = None if estimates.acceptance is None else [float(p) for p in estimates.acceptance[0]]
+        return [float(p) for p in estimates.route[0]], acceptance
+
+    def _decision(self, task: Optional[str], status: str, estimates: Optional[tuple[list[float], Optional[list[float]]]],
+                  started: float) -> RoutingDecision:
+        if estimates is None:  # no router, or an unknown task sent to the top tier
+            probabilities, acceptance = [0.0] * (self.tiers.count - 1) + [1.0], None
         else:
-            text = query_text(messages)
-            cut = self.router.max_chars
-            if cut is not None:  # the same cut the encoder makes; no 5 MB string goes further
-                text = text[:cut]
-            estimates = self.router.predict([text], [task or ""])  # one head run, both outputs
-            probabilities = [float(p) for p in estimates.route[0]]
-            acceptance = None if estimates.acceptance is None else [float(p) for p in estimates.acceptance[0]]
+            probabilities, acceptance = estimates
         return RoutingDecision(task=task, task_status=status, probabilities=probabilities, acceptance=acceptance,
                                router_ms=(time.perf_counter() - started) * 1000.0)
 
@@ -287,12 +321,7 @@ class RouteNLPCallback(CustomLogger):
         try:
             validate_request(data)
             metadata = data.setdefault("metadata", {})
-            if self._router_offload:
-                # a transformer encoder takes milliseconds and ONNX Runtime releases the GIL: off the
-                # event loop, the router overlaps other requests
-                decision = await asyncio.to_thread(self.decide, data.get("messages"), metadata)
-            else:  # a static encoder's lookup costs less than the hop to a worker thread
-                decision = self.decide(data.get("messages"), metadata)
+            decision = await self.decide_async(data.get("messages"), metadata)
         except RequestError as error:
             from litellm.proxy._types import ProxyException
 
@@ -331,7 +360,7 @@ class RouteNLPCallback(CustomLogger):
         if state is not None:
             decision = state.decision
         else:  # litellm.Router used directly (no proxy pre-call hook): whatever state it carries is not ours
-            decision = self.decide(messages, metadata)
+            decision = await self.decide_async(messages, metadata)
             state = self._new_state(decision, kwargs)
             metadata[STATE_KEY] = state
         by_tier: dict[int, list] = {}

@@ -29,6 +29,7 @@ def test_settings_resolve_relative_paths_against_the_config(tmp_path):
     ("route_confidence: 1.5", "routenlp_settings.route_confidence"),
     ("unknown_task_policy: guess", "routenlp_settings.unknown_task_policy"),
     ("decision_log_durability: eventually", "routenlp_settings.decision_log_durability"),
+    ("router_execution: subprocess", "routenlp_settings.router_execution"),
     ("typo_setting: 1", "routenlp_settings.typo_setting"),
 ])
 def test_bad_setting_is_named(tmp_path, bad, named):
