@@ -167,6 +167,20 @@ def baseline_proxy(ref: str, routenlp_config: Path, work: Path) -> ProxyProcess:
                         env={"PYTHONPATH": str(source)})
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far (/proc/stat; (0, 0) where there is none).
+
+    Steal is time the hypervisor gave this VM's virtual CPUs to someone else: on a shared cloud machine it
+    moves both proxies' capacity between runs with nothing running here, so "quiet" means low load
+    average AND low steal."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -338,6 +352,7 @@ def main() -> int:
     bodies = [json.dumps({"model": "routenlp", "messages": [{"role": "user", "content": t}],
                           "metadata": {"task": "banking77"}, "max_tokens": 16}).encode() for t in texts]
     load_at_start = os.getloadavg()
+    ticks_at_start = cpu_ticks()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         configs = write_configs(work)
@@ -375,7 +390,7 @@ def main() -> int:
                     for name in order:
                         proxy = proxies[name]
                         before = os.getloadavg()[0]
-                        cpu_before = cpu_seconds(proxy.process.pid)
+                        cpu_before, ticks_before = cpu_seconds(proxy.process.pid), cpu_ticks()
                         if phase == "closed":
                             result = asyncio.run(closed_loop(proxy.base_url, proxy.master_key, bodies, concurrency,
                                                              args.duration, args.warmup, args.request_timeout))
@@ -383,6 +398,9 @@ def main() -> int:
                             result = asyncio.run(open_loop(proxy.base_url, proxy.master_key, bodies, rate,
                                                            args.open_duration, 1000 + repeat, args.request_timeout))
                         cpu_used = cpu_seconds(proxy.process.pid) - cpu_before
+                        ticks_after = cpu_ticks()
+                        result["steal_share"] = ((ticks_after[0] - ticks_before[0])
+                                                 / max(ticks_after[1] - ticks_before[1], 1))
                         answered = result["ok"] + sum(result["errors"].values()) + result.get("unmeasured", 0)
                         result["cpu_ms_per_request"] = cpu_used * 1000.0 / max(answered, 1)
                         result.update(config=name, concurrency=concurrency, repeat=repeat, load1_before=before,
@@ -391,7 +409,8 @@ def main() -> int:
                         cell = f"c={concurrency}" if phase == "closed" else f"{rate:.1f}/s"
                         print(f"  {phase:<6} {name:<9} {cell:<8} rep={repeat} ok={result['ok']:<6} "
                               f"rps={result['rps']:7.1f} p50={result['p50_ms']:8.1f} p99={result['p99_ms']:8.1f} "
-                              f"cpu/req={result['cpu_ms_per_request']:5.2f}ms errors={result['errors']} load1={before:.2f}",
+                              f"cpu/req={result['cpu_ms_per_request']:5.2f}ms errors={result['errors']} load1={before:.2f} "
+                              f"steal={result['steal_share']:.1%}",
                               flush=True)
                         time.sleep(1.0)
 
@@ -419,13 +438,16 @@ def main() -> int:
         decision_records, escalated = count_escalations(work / "decisions.jsonl")
         # a lost, stuck or failing router process logs one warning each time (router_process.py); its
         # queries were then routed in the proxy, so the run is still like for like, but say so
-        router_process_warnings = {name: (work / f"{name}.log").read_text(errors="replace").count("RouteNLP: router process")
+        router_process_warnings = {name: [line for line in (work / f"{name}.log").read_text(errors="replace").splitlines()
+                                          if "RouteNLP: router process" in line]
                                    for name in proxies if (work / f"{name}.log").is_file()}
         for name in VARIANTS:
             if name in proxies:
                 more_records, more_escalated = count_escalations(work / f"{name}-decisions.jsonl")
                 decision_records, escalated = decision_records + more_records, escalated + more_escalated
     load_at_end = os.getloadavg()
+    ticks_at_end = cpu_ticks()
+    steal_share = (ticks_at_end[0] - ticks_at_start[0]) / max(ticks_at_end[1] - ticks_at_start[1], 1)
 
     names = list(memory)
     closed = summarise_closed(runs, names, args.concurrency)
@@ -435,7 +457,8 @@ def main() -> int:
           f"closed loop {args.duration:.0f} s, open loop {args.open_duration:.0f} s of Poisson arrivals; "
           f"{args.repeats} alternating runs per cell")
     print(f"load average at start {load_at_start[0]:.2f} {load_at_start[1]:.2f} {load_at_start[2]:.2f}, "
-          f"at end {load_at_end[0]:.2f} {load_at_end[1]:.2f} {load_at_end[2]:.2f}; cpus {os.cpu_count()}")
+          f"at end {load_at_end[0]:.2f} {load_at_end[1]:.2f} {load_at_end[2]:.2f}; cpus {os.cpu_count()}; "
+          f"CPU time stolen by the hypervisor during the run {steal_share:.1%}")
     print_closed(closed, names)
     if opened and "plain" in names and "routenlp" in names:
         print_open(opened, capacity)
@@ -443,8 +466,9 @@ def main() -> int:
         print(f"\ndecision records {decision_records}; requests with more than one attempt (escalated): {escalated}")
     for name in names:
         if name in router_process_warnings and VARIANTS.get(name, {}).get("router_execution") == "process":
+            lines = router_process_warnings[name]
             print(f"{name}: router process warnings (lost, stuck or failing; its queries then routed in the "
-                  f"proxy): {router_process_warnings[name]}")
+                  f"proxy): {len(lines)}" + "".join(f"\n    {line.strip()[:300]}" for line in lines[:3]))
     print()
     for name, mem in memory.items():
         print(f"{name:<9} proxy RSS: idle {mem['idle_rss_mb']:.0f} MB, after load {mem['after_load_rss_mb']:.0f} MB "
@@ -456,7 +480,8 @@ def main() -> int:
         args.json.write_text(json.dumps({"runs": slim, "closed": closed, "open": opened, "memory": memory,
                                          "capacity_rps": capacity, "escalated": escalated,
                                          "decision_records": decision_records,
-                                         "load_at_start": load_at_start, "load_at_end": load_at_end}, indent=2))
+                                         "load_at_start": load_at_start, "load_at_end": load_at_end,
+                                         "steal_share": steal_share}, indent=2))
     if "routenlp" in names and escalated:
         print(f"FAIL: {escalated} routenlp request(s) escalated (a second model call): the comparison with "
               f"plain LiteLLM is not like for like", file=sys.stderr)

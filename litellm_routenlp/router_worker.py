@@ -17,7 +17,8 @@ CONFIG``), little-endian:
   error bytes) then the float64 values, then the error message in UTF-8 (non-empty: the prediction
   failed and the values are absent).  Query id 0 is the ready frame, sent once the router is built
   (its error, if building failed, is the reason).
-* End of input (the proxy closed the pipe, exited or was killed) ends the process.
+* End of input (the proxy closed the pipe, exited or was killed) ends the process; SIGINT and SIGTERM
+  are ignored for that reason (stop it with SIGKILL, or by stopping the proxy).
 
 Queries that arrive together are predicted as one batch (one encoder and one head run).
 """
@@ -132,7 +133,10 @@ if __name__ == "__main__":
         raise SystemExit(2)
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the proxy; this process ends with its pipe
+    # Ctrl-C or a SIGTERM of the proxy's process group stops the proxy; this process ends with its pipe
+    # (end of input), so the proxy never sees it die first and reports no lost router on a clean stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     replies_fd = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a library's print() must not corrupt the frames
     raise SystemExit(serve(sys.argv[1], sys.stdin.fileno(), replies_fd))
