@@ -1,6 +1,7 @@
 """What the router's decision costs inside a busy proxy, step by step: CPU and wall time.
 
     .venv/bin/python benchmarks/router_in_proxy.py [--rate 31] [--duration 20] [--switch-interval-ms 0.5]
+                                                   [--router-execution process]
 
 One real ``litellm --config`` proxy with the plugin and the four ``mock_response`` deployments of
 ``benchmarks/proxy_overhead.py``, loaded by Poisson arrivals at ``--rate`` req/s (banking77 test
@@ -42,6 +43,7 @@ from litellm_routenlp.proxy_process import ProxyProcess  # noqa: E402
 from proxy_overhead import closed_loop, open_loop, write_configs  # noqa: E402
 
 STEPS = ("tokenize", "encode", "head", "decide")
+PROCESS_STEPS = ("send", "read", "decide")  # router_execution: process, on the event loop
 
 # The callback the proxy loads: the plugin, with its router steps timed; figures go to TIMING_PATH.
 TIMED_HOOK = textwrap.dedent('''
@@ -53,29 +55,46 @@ TIMED_HOOK = textwrap.dedent('''
     samples = {}
     out_path = os.environ["TIMING_PATH"]
 
+    def record(name, wall, cpu):
+        if os.path.exists(out_path + ".reset"):  # the warm-up is over: count from here
+            os.remove(out_path + ".reset")
+            samples.clear()
+        samples.setdefault(name, []).append(((time.perf_counter() - wall) * 1e3, (time.thread_time() - cpu) * 1e3))
+        if name == "decide" and len(samples[name]) % 50 == 0:
+            with open(out_path + ".tmp", "w") as handle:
+                json.dump(samples, handle)
+            os.replace(out_path + ".tmp", out_path)
+
     def timed(name, function):
         def wrapper(*args, **kwargs):
-            if os.path.exists(out_path + ".reset"):  # the warm-up is over: count from here
-                os.remove(out_path + ".reset")
-                samples.clear()
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 return function(*args, **kwargs)
             finally:
-                samples.setdefault(name, []).append(((time.perf_counter() - wall) * 1e3,
-                                                     (time.thread_time() - cpu) * 1e3))
-                if name == "decide" and len(samples[name]) % 50 == 0:
-                    with open(out_path + ".tmp", "w") as handle:
-                        json.dump(samples, handle)
-                    os.replace(out_path + ".tmp", out_path)
+                record(name, wall, cpu)
         return wrapper
 
-    router = routenlp.router
-    tokenizer = router.encoder.tokenizer
-    router.encoder.tokenizer = type("Timed", (), {"encode": staticmethod(timed("tokenize", tokenizer.encode))})()
-    router.encoder.encode = timed("encode", router.encoder.encode)
-    router._run = timed("head", router._run)
-    routenlp.decide = timed("decide", routenlp.decide)
+    def timed_wall(name, function):  # a coroutine: its CPU figure would count whatever ran while it waited
+        async def wrapper(*args, **kwargs):
+            wall = time.perf_counter()
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                record(name, wall, time.thread_time())
+        return wrapper
+
+    if routenlp.router_process is None:
+        router = routenlp.router
+        tokenizer = router.encoder.tokenizer
+        router.encoder.tokenizer = type("Timed", (), {"encode": staticmethod(timed("tokenize", tokenizer.encode))})()
+        router.encoder.encode = timed("encode", router.encoder.encode)
+        router._run = timed("head", router._run)
+        routenlp.decide = timed("decide", routenlp.decide)
+    else:  # router_execution: process: what the event loop still does (the router runs in the other process)
+        process = routenlp.router_process
+        process._send = timed("send", process._send)
+        process._drain = timed("read", process._drain)
+        routenlp.decide_async = timed_wall("decide", routenlp.decide_async)
 ''')
 
 
@@ -112,6 +131,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval inside the proxy (default: Python's 5 ms)")
+    parser.add_argument("--router-execution", choices=["in_proxy", "process"], default="in_proxy",
+                        help="routenlp_settings.router_execution; with process, the event loop's own steps "
+                             "(writing the query, reading the estimates) are timed, and decide's wall time")
     args = parser.parse_args()
     from routenlp_core.tasks import get_task
 
@@ -122,6 +144,7 @@ def main() -> int:
         work = Path(tmp)
         document = yaml.safe_load(write_configs(work)["routenlp"].read_text())
         document["litellm_settings"]["callbacks"] = "timed_hook.routenlp"
+        document["routenlp_settings"]["router_execution"] = args.router_execution
         config = work / "timed.yaml"
         config.write_text(yaml.safe_dump(document, sort_keys=False))
         (work / "timed_hook.py").write_text(TIMED_HOOK)
@@ -140,15 +163,20 @@ def main() -> int:
     alone = tight_loop(texts)
     interval = f"{args.switch_interval_ms} ms" if args.switch_interval_ms is not None else "5 ms (Python's default)"
     print(f"router steps inside the proxy at {args.rate:g} req/s offered for {args.duration:g} s "
-          f"(switch interval {interval}); requests ok {result['ok']}, p50 {result['p50_ms']:.1f} ms, "
+          f"(switch interval {interval}, router_execution {args.router_execution}); requests ok {result['ok']}, p50 {result['p50_ms']:.1f} ms, "
           f"p99 {result['p99_ms']:.1f} ms; load average {os.getloadavg()[0]:.2f}")
     print(f"{'step':<9} | {'n':>5} | {'CPU p50':>8} {'p90':>7} | {'wall p50':>8} {'p90':>7} | "
           f"{'alone, CPU':>10} | in proxy / alone")
-    for step in STEPS:
+    for step in STEPS if args.router_execution == "in_proxy" else PROCESS_STEPS:
         row = summary(samples.get(step, [[0.0, 0.0]]))
+        if args.router_execution == "process" and step == "decide":  # awaited: CPU would be other tasks'
+            print(f"{step:<9} | {row['n']:>5} | {'-':>8} {'-':>7} | {row['wall_p50_ms']:>8.3f} "
+                  f"{row['wall_p90_ms']:>7.3f} | {alone[step]:>10.3f} | (round trip to the router process)")
+            continue
+        reference = f"{alone[step]:>10.3f} | {row['cpu_p50_ms'] / max(alone[step], 1e-9):.1f}x" if step in alone \
+            else f"{'-':>10} |"
         print(f"{step:<9} | {row['n']:>5} | {row['cpu_p50_ms']:>8.3f} {row['cpu_p90_ms']:>7.3f} | "
-              f"{row['wall_p50_ms']:>8.3f} {row['wall_p90_ms']:>7.3f} | {alone[step]:>10.3f} | "
-              f"{row['cpu_p50_ms'] / max(alone[step], 1e-9):.1f}x")
+              f"{row['wall_p50_ms']:>8.3f} {row['wall_p90_ms']:>7.3f} | {reference}")
     return 0
 
 
