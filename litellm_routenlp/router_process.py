@@ -4,8 +4,10 @@ The event loop writes each query frame and reads the estimates itself (``add_rea
 costs the loop a pipe write and a read instead of the router's own work (router_worker.py says why that
 matters).  The router object built in the proxy stays: it answers whenever the process cannot --
 before the process reports ready, after it died (the next query after ``restart_after_s`` starts a new
-one), when a query is not answered within ``timeout_s`` (the process is then killed as stuck), or when
-the process reports an error.  So the process can make a decision faster, never fail a request.
+one; the wait doubles with every loss until a query is answered again, and a process that could not
+build the router is not started again), when a query is not answered within ``timeout_s`` (the process
+is then killed as stuck), or when the process reports an error.  So the process can make a decision
+faster, never fail a request.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RouterProcess:
         self.answered = 0        # queries the process answered
         self.fell_back = 0       # queries the caller had to predict in the proxy instead
         self.starts = 0
+        self.gave_up: Optional[str] = None  # why no process will be started again (it cannot build the router)
+        self._losses = 0         # losses since the last answered query: each doubles the wait before a restart
         self._process: Optional[subprocess.Popen] = None
         self._send_fd = self._reply_fd = -1
         self._ready = False
@@ -80,11 +84,17 @@ class RouterProcess:
         """End the process (end of input) and fail what it has not answered (the callers fall back)."""
         self._lost("closed", kill=False)
 
+    def restart_delay_s(self) -> float:
+        """How long after a loss the next query starts a new process: ``restart_after_s``, doubled for every
+        loss since the last answered query (at most 64x), so a process that keeps dying costs little."""
+        return self.restart_after_s * 2 ** min(max(self._losses - 1, 0), 6)
+
     def _lost(self, why: str, kill: bool = True) -> None:
         process, self._process = self._process, None
         if process is None:
             return
         self._lost_at = time.monotonic()
+        self._losses += 1
         self._unwatch()
         if self._finalizer is not None:
             self._finalizer()  # closes both pipes: the process sees end of input
@@ -98,15 +108,18 @@ class RouterProcess:
         for future in pending.values():
             if not future.done():
                 future.set_result(None)
-        if why != "closed":
-            logger.warning("RouteNLP: router process %s (%s); routing in the proxy until it restarts",
-                           process.pid, why)
+        if self.gave_up is not None:
+            logger.error("RouteNLP: router process %s (%s); routing in the proxy from now on", process.pid, why)
+        elif why != "closed":
+            logger.warning("RouteNLP: router process %s (%s); routing in the proxy until it restarts in %.0f s",
+                           process.pid, why, self.restart_delay_s())
 
     # ------------------------------------------------------------------ one query
     async def predict(self, text: str, task: str) -> Optional[Estimates]:
         """The router's (route, acceptance) for one query, or None: predict in the proxy instead."""
         loop = asyncio.get_running_loop()
-        if self._process is None and time.monotonic() - self._lost_at >= self.restart_after_s:
+        if (self._process is None and self.gave_up is None
+                and time.monotonic() - self._lost_at >= self.restart_delay_s()):
             self.start()
         if self._process is None:
             self.fell_back += 1
@@ -146,7 +159,10 @@ class RouterProcess:
         if self._loop is not None:
             self._unwatch()
             for future in self._pending.values():  # futures of another loop cannot be resolved from this one
-                future.get_loop().call_soon_threadsafe(_settle_none, future)
+                try:
+                    future.get_loop().call_soon_threadsafe(_settle_none, future)
+                except RuntimeError:  # that loop is closed: nobody waits on it any more
+                    pass
             self._pending = {}
         loop.add_reader(self._reply_fd, self._drain)
         self._loop = loop
@@ -199,8 +215,9 @@ class RouterProcess:
         self._replies += data
         for query_id, route, acceptance, error in decode_replies(self._replies):
             if query_id == READY_ID:
-                if error:
-                    self._lost(f"could not build the router: {error}")
+                if error:  # the same config would fail the same way: do not start it again
+                    self.gave_up = f"could not build the router: {error}"
+                    self._lost(self.gave_up)
                     return
                 self._ready = True
                 continue
@@ -212,6 +229,7 @@ class RouterProcess:
                                error or f"{len(route)} route values for {self.tiers} tiers")
                 future.set_result(None)
             else:
+                self._losses = 0
                 future.set_result((route, acceptance))
 
 

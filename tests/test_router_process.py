@@ -99,6 +99,7 @@ def test_a_killed_router_process_is_replaced_and_no_query_fails(callback, caplog
     time.sleep(0.6)
     _until_ready(callback)
     assert process.pid != first_pid and process.starts == 2
+    assert process.restart_delay_s() == 0.5  # answered again: the back-off is reset
     answered = process.answered
     again = _decide_all(callback, TEXTS[:1])
     assert process.answered == answered + 1 and again[0].probabilities == pytest.approx(here.probabilities, abs=1e-6)
@@ -123,7 +124,7 @@ def test_a_stuck_router_process_is_killed_and_its_query_routed_in_the_proxy(call
 def test_a_router_process_that_cannot_build_its_router_leaves_routing_in_the_proxy(tmp_path, caplog):
     broken = tmp_path / "proxy_config.yaml"
     broken.write_text("routenlp_settings: {tasks: {}}\n")  # no router_artifact, no task: the child refuses
-    process = RouterProcess(broken, tiers=4, restart_after_s=3600)
+    process = RouterProcess(broken, tiers=4, restart_after_s=0.0)  # it must not be started again anyway
 
     async def ask():
         deadline = time.monotonic() + 90
@@ -133,8 +134,10 @@ def test_a_router_process_that_cannot_build_its_router_leaves_routing_in_the_pro
 
     with caplog.at_level(logging.WARNING, logger="litellm_routenlp"):
         asyncio.run(ask())
-    assert process.pid is None and process.answered == 0
-    assert "could not build the router" in caplog.text and "router_artifact" in caplog.text
+    assert process.pid is None and process.answered == 0 and "router_artifact" in process.gave_up
+    assert "could not build the router" in caplog.text and "from now on" in caplog.text
+    asyncio.run(ask())
+    assert process.starts == 1, "a router process that cannot build its router was started again"
 
 
 def _ask(proxy, text: str) -> dict:
