@@ -247,8 +247,9 @@ class RouteNLPCallback(CustomLogger):
         task, status, text = self._router_query(messages, metadata)
         started = time.perf_counter()
         estimates = None if text is None else await self.router_process.predict(text, task or "")
-        if estimates is None and text is not None:
-            estimates = self._predict_here(text, task)
+        if estimates is None and text is not None:  # the process could not answer: the router here does
+            estimates = (await asyncio.to_thread(self._predict_here, text, task) if self._router_offload
+                         else self._predict_here(text, task))
         return self._decision(task, status, estimates, started)
 
     def _router_query(self, messages: Any, metadata: dict[str, Any]) -> tuple[Optional[str], str, Optional[str]]:
