@@ -147,6 +147,8 @@ def query_text(messages: Any) -> str:
 
 def validate_request(data: Mapping[str, Any]) -> None:
     """Reject what the router or the cascade cannot serve faithfully."""
+    if isinstance(data, dict):  # first: every other refusal's response would echo the names too
+        _refuse_unencodable_guardrails(data)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
@@ -174,7 +176,6 @@ def validate_request(data: Mapping[str, Any]) -> None:
         # LiteLLM 1.106.2 answers a non-object response_format with a 500 (APIConnectionError)
         raise RequestError("`response_format` must be an object with a string `type` (e.g. {\"type\": \"text\"}), "
                            f"got {response_format!r}", param="response_format")
-    _refuse_unencodable_guardrails(data)
     for param in UNSUPPORTED_PARAMS:
         if data.get(param) not in (None, [], {}):
             raise RequestError(f"`{param}` is not supported by the routenlp model: tiers differ in tool and "
@@ -182,10 +183,11 @@ def validate_request(data: Mapping[str, Any]) -> None:
 
 
 def _refuse_unencodable_guardrails(data: dict) -> None:
-    """400 for a guardrail name that is not latin-1.
+    """400 for a guardrail name that cannot be a header value (not latin-1, or a control character).
 
     LiteLLM 1.106.2 echoes requested guardrail names in a response header, and a header must be
-    latin-1, so such a name ends in a 500 (on the error response too).  Before the pre-call hook
+    latin-1 without control characters, so such a name ends in a 500, or ("\\r") in a dropped
+    connection, on an error response too: this check runs before every other refusal.  Before the pre-call hook
     runs, the proxy has moved a body-level ``guardrails`` into the metadata (and its
     ``requester_metadata`` copy).  The names are removed before refusing, so that the 400 itself
     can be sent.
@@ -196,19 +198,19 @@ def _refuse_unencodable_guardrails(data: dict) -> None:
     for holder in holders:
         guardrails = holder.get("guardrails")
         names = guardrails if isinstance(guardrails, list) else [guardrails] if isinstance(guardrails, str) else []
-        bad = next((name for name in names if isinstance(name, str) and not _latin1(name)), None)
+        bad = next((name for name in names if isinstance(name, str) and not _header_safe(name)), None)
         if bad is not None:
             for other in holders:
                 other.pop("guardrails", None)
             raise RequestError(f"guardrail name {bad!r} is not a configured guardrail", param="guardrails")
 
 
-def _latin1(text: str) -> bool:
+def _header_safe(text: str) -> bool:
     try:
         text.encode("latin-1")
     except UnicodeEncodeError:
         return False
-    return True
+    return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
 
 
 def forwarded_params(data: Mapping[str, Any]) -> dict[str, Any]:

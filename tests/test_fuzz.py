@@ -435,15 +435,18 @@ def test_unsupported_or_invalid_parameter_values_never_5xx(http, extra, task):
         assert parsed["choices"][0]["message"]["content"] != "not from a tier", "a client must not pick the answer"
 
 
-@pytest.mark.parametrize("where", ["body", "metadata"])
-def test_non_latin1_guardrail_names_get_a_400_not_a_500(http, texts, where):
-    """LiteLLM echoes guardrail names in a latin-1 response header; hypothesis once found the 500."""
-    payload = {"model": "routenlp", "messages": [{"role": "user", "content": texts["banking77"][0]}],
-               "metadata": {"task": "banking77"}, "max_tokens": 1}
+@pytest.mark.parametrize("where, name, messages", [
+    ("body", "\u0100", True), ("metadata", "\U000cd461", True),
+    # hypothesis found these later: a control character, and a request refused for another reason first
+    ("body", "\r", True), ("body", "\r", False), ("body", "\u0100", False), ("metadata", "\x7f", False)])
+def test_guardrail_names_that_cannot_be_a_header_get_a_400_not_a_500(http, texts, where, name, messages):
+    """LiteLLM echoes guardrail names in a latin-1 response header, on error responses too."""
+    payload = {"model": "routenlp", "metadata": {"task": "banking77"}, "max_tokens": 1,
+               **({"messages": [{"role": "user", "content": texts["banking77"][0]}]} if messages else {})}
     if where == "body":
-        payload["guardrails"] = ["\u0100"]
+        payload["guardrails"] = [name]
     else:
-        payload["metadata"]["guardrails"] = ["\U000cd461"]
+        payload["metadata"]["guardrails"] = [name]
     status, parsed, body, _ = send(http, payload)
     assert status == 400, body[:300]
     assert parsed["error"]["param"] == "guardrails", parsed
