@@ -147,3 +147,20 @@ def test_bench_on_a_subset_of_a_real_shared_set(tmp_path, data_dir):
     assert results["goal"]["evaluated"]
     assert 0.0 <= systems["RouteNLP"]["sla_violation"]["mean"] <= 1.0
     assert 0.0 < systems["FrugalGPT"]["vs_routenlp"]["cost"]["p"] <= 1.0
+
+
+def test_cost_at_the_paper_rules_quality_reads_each_tasks_curve_and_weights_by_volume():
+    """Issue 14's "cheaper than the paper rule at the quality it reaches": per task the cheapest knob
+    value reaching the other rule's task quality, weighted by the task's test rows."""
+    from coopt.bench.run import at_quality_of
+
+    mine = [{"curve_points": {"a": {"n": 30, "points": [(1.0, 1.0), (0.98, 0.7), (0.95, 0.4)]},
+                              "b": {"n": 10, "points": [(1.0, 1.0), (0.97, 0.5)]}}}]
+    paper = [{"quality_ratio": 0.97, "cost_ratio": 0.6,
+              "per_task": {"a": {"quality_ratio": 0.96}, "b": {"quality_ratio": 0.99}}}]
+    out = at_quality_of(mine, paper)
+    # task a: 0.98 >= 0.96 -> 0.7 (0.95 is below); task b: only 1.0 >= 0.99 -> 1.0
+    assert out["per_seed"] == [pytest.approx((30 * 0.7 + 10 * 1.0) / 40)]
+    assert out["seeds_reached"] == 1
+    paper[0]["per_task"]["b"]["quality_ratio"] = 1.01  # no knob value reaches it
+    assert at_quality_of(mine, paper)["per_seed"] == [None]
