@@ -143,7 +143,9 @@ def must_show_sentence(goal: dict[str, Any]) -> str:
     parts = [f"mean Q >= {target}: {'yes' if goal['quality_reached'] else 'no'}",
              f"no seed below {target - 0.01:.2f}: {'yes' if goal['no_seed_below'] else 'no'} "
              f"(min {goal['min_seed_quality_ratio']:.3f})",
-             f"every task's mean within 0.01: {'yes' if goal['every_task_within_0.01'] else 'no'}",
+             f"no task's mean more than 0.01 below: {'yes' if goal.get('no_task_below_0.01') else 'no'}",
+             f"every task's mean within 0.01 either side: {'yes' if goal['every_task_within_0.01'] else 'no'} ("
+             + ", ".join(f"{task} {value:.3f}" for task, value in sorted(goal["task_means"].items())) + ")",
              f"cheaper than every baseline reaching Q >= {target}: {'yes' if goal['lowest_cost_at_target'] else 'no'}"]
     if "cheaper_than_paper_rule" in goal:
         paper = goal["paper_rule"]

@@ -503,7 +503,10 @@ def goal(results: dict[str, Any], target: float) -> dict[str, Any]:
     task_means = {task: cell["quality_ratio"]["mean"] for task, cell in ours["per_task"].items()
                   if cell["quality_ratio"]["mean"] is not None}
     out["task_means"] = task_means
-    out["every_task_within_0.01"] = bool(all(v >= target - 0.01 - 1e-12 for v in task_means.values()))
+    # "within 0.01 of its target" read both ways: a task far above its target (certified at the top
+    # tier) keeps the promise but spends cost it was allowed to save, so it does not count as within
+    out["no_task_below_0.01"] = bool(all(v >= target - 0.01 - 1e-12 for v in task_means.values()))
+    out["every_task_within_0.01"] = bool(all(abs(v - target) <= 0.01 + 1e-12 for v in task_means.values()))
     paper = systems_out.get(PAPER_RULE)
     if paper is not None:
         out["paper_rule"] = {"quality_ratio": paper["quality_ratio"]["mean"], "cost_ratio": paper["cost_ratio"]["mean"]}
