@@ -53,10 +53,19 @@ from litellm_routenlp.policy import CascadeRouting, PolicyAnswer, PosteriorThres
 #: nothing over 1e-3, while a failure there would end the fixed sequence.
 LAMBDA_GRID = tuple(float(v) for v in np.round(np.geomspace(1e-3, 10.0, 21), 6))
 #: posterior_threshold's candidates, safe -> cheap: 1.0 asks the top tier for every query (no estimate
-#: reaches it), then ever lower thresholds, densest near 1 where the certified ones lie
-THRESHOLD_GRID = (1.0,) + tuple(float(v) for v in np.round(1.0 - np.geomspace(1e-3, 1.0, 120), 6))
+#: reaches it), then ever lower thresholds: geometric near 1, then every 0.0025.  WHY this fine: where
+#: the router's estimates barely vary within a task (no per-query signal), a whole task's rows cross
+#: the threshold within ~0.01, and a coarser grid jumped from "all to the top tier" to "most to a
+#: cheaper tier" in one step (routerbench arc_challenge: cost 0.87 -> 0.59), skipping the cheapest
+#: point the certificate would accept.  Fixed-sequence testing pays nothing for more candidates (each
+#: is tested at the full delta), and replay_threshold_grid replays a row once per group of
+#: thresholds, not once per threshold.
+THRESHOLD_GRID = (1.0,) + tuple(sorted({float(np.round(1.0 - v, 6)) or 0.0 for v in np.concatenate(
+    [np.geomspace(1e-4, 0.05, 80), np.arange(0.05, 1.0 + 1e-9, 0.0025)])}, reverse=True))
 #: the policy families this module fits: name -> (the knob's grid, safe -> cheap)
 FAMILIES = {"cascade_routing": LAMBDA_GRID, "posterior_threshold": THRESHOLD_GRID}
+#: families whose knob is a threshold compared as ``estimate >= t`` (replayed by replay_threshold_grid)
+THRESHOLD_FAMILIES = ("posterior_threshold",)
 #: one L2 strength for the posterior cells (fit_posterior's default tries three by inner CV, 3x the time)
 POSTERIOR_CS = (0.3,)
 GUARANTEES = ("ltt", "crc")
@@ -109,6 +118,30 @@ class RowCache:
         return value
 
 
+def row_answer(data: CalibrationRows, row: int, tier: int) -> PolicyAnswer:
+    """Tier ``tier``'s recorded answer on ``row`` as the policy sees it (u, text, cost)."""
+    u = float(data.uncertainty[row, tier - 1])
+    return PolicyAnswer(tier=tier, uncertainty=None if math.isnan(u) else u,
+                        text=None if data.outputs is None else data.outputs[row][tier - 1],
+                        cost_usd=float(data.cost[row, tier - 1]))
+
+
+def replay_row(policy: Any, data: CalibrationRows, row: int, route_probabilities: Optional[np.ndarray] = None,
+               start: Optional[int] = None) -> tuple[list[int], int, Any]:
+    """One row through ``policy``: (tiers tried, kept tier, last decision), all 1-based."""
+    cache = policy.estimator if isinstance(getattr(policy, "estimator", None), RowCache) else None
+    if cache is not None:
+        cache.row = row
+    task = str(data.tasks[row])
+    tiers = data.tiers_for(task)
+    if start is not None:  # a start tier that does not serve the task moves up, as in the proxy
+        first = next((t for t in tiers if t >= int(start)), tiers[-1])
+    else:
+        first = decide_start(policy, task, tiers, route_probabilities, data.ex_ante[row]).tier
+    names = {k: f"T{k}" for k in range(1, data.K + 1)}
+    return replay(policy, task, first, lambda tier: row_answer(data, row, tier), tiers, names, data.ex_ante[row])
+
+
 def replay_rows(policy: Any, data: CalibrationRows, route_probabilities: Optional[np.ndarray] = None,
                 starts: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
     """Every row through ``policy`` (start + steps) on its recorded answers.
@@ -123,31 +156,55 @@ def replay_rows(policy: Any, data: CalibrationRows, route_probabilities: Optiona
     kept = np.zeros(n, dtype=np.int64)
     tried = np.zeros((n, K), dtype=bool)
     reasons: list[Optional[str]] = []
-    names = {k: f"T{k}" for k in range(1, K + 1)}
-    cache = policy.estimator if isinstance(getattr(policy, "estimator", None), RowCache) else None
     for row in range(n):
-        if cache is not None:
-            cache.row = row
-        task = str(data.tasks[row])
-        tiers = data.tiers_for(task)
-        outputs = None if data.outputs is None else data.outputs[row]
-
-        def answer(tier: int, row: int = row, outputs: Any = outputs) -> PolicyAnswer:
-            u = float(data.uncertainty[row, tier - 1])
-            return PolicyAnswer(tier=tier, uncertainty=None if math.isnan(u) else u,
-                                text=None if outputs is None else outputs[tier - 1],
-                                cost_usd=float(data.cost[row, tier - 1]))
-
-        if starts is not None:  # a start tier that does not serve the task moves up, as in the proxy
-            first = next((t for t in tiers if t >= int(starts[row])), tiers[-1])
-        else:
-            first = decide_start(policy, task, tiers, None if route_probabilities is None else route_probabilities[row],
-                                 data.ex_ante[row]).tier
-        path, final, decision = replay(policy, task, first, answer, tiers, names, data.ex_ante[row])
+        path, final, decision = replay_row(policy, data, row,
+                                           None if route_probabilities is None else route_probabilities[row],
+                                           None if starts is None else int(starts[row]))
         kept[row] = final
         tried[row, [t - 1 for t in path]] = True
         reasons.append(decision.stop_reason)
     return kept, tried, reasons
+
+
+def threshold_breakpoints(policy: Any, data: CalibrationRows, row: int) -> np.ndarray:
+    """Every estimate a threshold policy compares its knob t with on ``row``, sorted.
+
+    posterior_threshold compares t only with the ex-ante estimates (the start) and with the start
+    tier's posterior after its answer (the stop), always as ``estimate >= t``; so its decisions on
+    the row are the same for every t with the same number of these values at or above it."""
+    task = str(data.tasks[row])
+    cache = policy.estimator if isinstance(getattr(policy, "estimator", None), RowCache) else None
+    if cache is not None:
+        cache.row = row
+    values = list(policy.estimates(task, data.ex_ante[row], ()))
+    for tier in data.tiers_for(task)[:-1]:
+        values.append(float(policy.estimates(task, data.ex_ante[row], [row_answer(data, row, tier)])[tier - 1]))
+    return np.unique(np.asarray(values, dtype=np.float64))
+
+
+def replay_threshold_grid(policies: Sequence[Any], thresholds: Sequence[float],
+                          data: CalibrationRows) -> tuple[np.ndarray, np.ndarray]:
+    """``replay_rows`` for every threshold of a grid at once: kept (m, n) and tried (m, n, K).
+
+    ``policies[i]`` is the threshold family's policy at ``thresholds[i]`` (same estimator).  The
+    decisions come from the policies themselves; a row is replayed once per group of thresholds
+    that fall between the same two of its :func:`threshold_breakpoints` (at most 2K - 1 + 1 groups)
+    instead of once per threshold, so a fine grid costs no more replays than a coarse one.
+    tests/test_policy.py checks the result against ``replay_rows`` at every threshold."""
+    grid = np.asarray(thresholds, dtype=np.float64)
+    m, (n, K) = len(grid), data.quality.shape
+    kept = np.zeros((m, n), dtype=np.int64)
+    tried = np.zeros((m, n, K), dtype=bool)
+    for row in range(n):
+        points = threshold_breakpoints(policies[0], data, row)
+        at_or_above = len(points) - np.searchsorted(points, grid, side="left")
+        _, first, group = np.unique(at_or_above, return_index=True, return_inverse=True)
+        for index, knob in enumerate(first):
+            path, final, _ = replay_row(policies[knob], data, row)
+            members = group == index
+            kept[members, row] = final
+            tried[np.ix_(members, [row], [t - 1 for t in path])] = True
+    return kept, tried
 
 
 def cost_table(data: CalibrationRows, task: str) -> tuple[float, ...]:
@@ -236,12 +293,16 @@ def out_of_fold_quality(data: CalibrationRows, lambdas: Sequence[float], folds: 
         estimator, sigmas, costs = fit_parts(data.subset(fit), seed)
         part = data.subset(held)
         cache, memo = RowCache(estimator), {}
-        for index, lam in enumerate(lambdas):
-            specs = {task: task_policy(family, float(lam), costs[task], sigmas[task]) for task in sigmas}
-            policy = family_policy(family, specs, cache, max_hops, no_logprobs_policy, memo)
-            kept, tried, _ = replay_rows(policy, part)
-            quality[index, held] = part.quality[np.arange(len(held)), kept - 1]
-            cost[index, held] = (part.cost * tried).sum(axis=1)
+        policies = [family_policy(family, {task: task_policy(family, float(lam), costs[task], sigmas[task])
+                                           for task in sigmas}, cache, max_hops, no_logprobs_policy, memo)
+                    for lam in lambdas]
+        if family in THRESHOLD_FAMILIES:
+            kept, tried = replay_threshold_grid(policies, lambdas, part)
+        else:
+            runs = [replay_rows(policy, part)[:2] for policy in policies]
+            kept, tried = np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs])
+        quality[:, held] = np.take_along_axis(part.quality[None, :, :], kept[:, :, None] - 1, axis=2)[:, :, 0]
+        cost[:, held] = (part.cost[None, :, :] * tried).sum(axis=2)
     return quality, cost
 
 

@@ -294,3 +294,39 @@ def test_calibrated_posterior_threshold_file_loads_decides_and_orders_its_grid_s
     policy = load_policy(path)
     assert isinstance(policy, PosteriorThreshold) and policy.estimator is not None
     assert 1 <= decide_start(policy, "medmcqa", [1, 2, 3, 4], acceptance=[0.35, 0.5, 0.72, 0.77]).tier <= 4
+
+
+def test_threshold_grid_replay_equals_replaying_every_threshold_on_real_rows(data_dir):
+    """replay_threshold_grid groups thresholds by the row's breakpoints; its decisions must be the
+    policy's own at every threshold of the grid (real cascades_9llm answers, varied ex-ante estimates,
+    a fitted posterior, some thresholds exactly on a breakpoint)."""
+    from calibration.fit_cascade_routing import (THRESHOLD_GRID, CalibrationRows, RowCache, family_policy,
+                                                 fit_parts, replay_rows, replay_threshold_grid,
+                                                 threshold_breakpoints, task_policy)
+    from coopt.multimodel import combine, load_cascades_9llm
+    from routenlp_core.allpairs import tier_values
+
+    records, portfolio = combine(load_cascades_9llm("medmcqa", limit=120, data_dir=data_dir),
+                                 load_cascades_9llm("truthfulqa", limit=60, data_dir=data_dir))
+    names = portfolio.tier_names
+    tasks = np.array([r.task for r in records])
+    quality = tier_values(records, names, "quality")
+    rng = np.random.default_rng(3)
+    ex_ante = np.clip(np.array([0.35, 0.5, 0.72, 0.77]) + rng.normal(0, 0.08, (len(records), 4)), 0, 1)
+    data = CalibrationRows(tasks=tasks, ex_ante=ex_ante, quality=quality, acceptable=quality >= 1.0,
+                           uncertainty=tier_values(records, names, "uncertainty"),
+                           cost=tier_values(records, names, "cost_usd"),
+                           outputs=[[r.tiers[n].output for n in names] for r in records])
+    estimator, sigmas, costs = fit_parts(data)
+    cache = RowCache(estimator)
+    on_a_breakpoint = [float(v) for v in threshold_breakpoints(
+        family_policy("posterior_threshold", {}, cache, 3, "trust_router"), data, 7)]
+    grid = sorted(set(THRESHOLD_GRID[::4]) | set(on_a_breakpoint), reverse=True)
+    policies = [family_policy("posterior_threshold", {t: task_policy("posterior_threshold", knob, costs[t], sigmas[t])
+                                                      for t in sigmas}, cache, 3, "trust_router") for knob in grid]
+    kept, tried = replay_threshold_grid(policies, grid, data)
+    for index, policy in enumerate(policies):
+        want_kept, want_tried, _ = replay_rows(policy, data)
+        assert np.array_equal(kept[index], want_kept), grid[index]
+        assert np.array_equal(tried[index], want_tried), grid[index]
+    assert len({tuple(k) for k in kept}) > 5  # the grid really moves decisions

@@ -48,8 +48,9 @@ from litellm_routenlp.routers import RouterEstimates
 from litellm_routenlp.routing import choose_tier
 from litellm_routenlp.thresholds import Thresholds
 from calibration.calibrate import calibrate, fit_thresholds
-from calibration.fit_cascade_routing import (FAMILIES, CalibrationRows, RowCache, assign_folds, family_policy,
-                                             fit_cascade_routing, fit_parts, out_of_fold_quality, replay_rows,
+from calibration.fit_cascade_routing import (FAMILIES, THRESHOLD_FAMILIES, CalibrationRows, RowCache, assign_folds,
+                                             family_policy, fit_cascade_routing, fit_parts, out_of_fold_quality,
+                                             replay_rows, replay_threshold_grid,
                                              task_policy)
 from coopt.bench.metrics import Routes
 from coopt.bench.systems import THRESHOLD_GRID, FitContext, RatioScorer, RoutingSystem, knob_grid, pick, register
@@ -278,13 +279,15 @@ class RouteNLP(_RouterOwner):
     def curve(self, rows: np.ndarray) -> list[Routes]:
         """Test routes at every knob value of the grid (same estimator): the APGR/CPT curve."""
         ex_ante = self.router.acceptance_rows(rows)
-        out = []
         cache, memo = RowCache(self.policy.estimator), {}
-        for knob in self.lambdas:
-            specs = {task: task_policy(self.policy_family, knob, spec.costs, spec.sigmas) for task, spec in self.policy.tasks.items()}
-            policy = family_policy(self.policy_family, specs, cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo)
-            out.append(policy_routes(policy, self.ctx.data, rows, ex_ante))
-        return out
+        policies = [family_policy(self.policy_family, {task: task_policy(self.policy_family, knob, spec.costs, spec.sigmas)
+                                                       for task, spec in self.policy.tasks.items()},
+                                  cache, self.policy.max_hops, self.policy.no_logprobs_policy, memo)
+                    for knob in self.lambdas]
+        if self.policy_family in THRESHOLD_FAMILIES:
+            kept, tried = replay_threshold_grid(policies, self.lambdas, bench_rows(self.ctx.data, rows, ex_ante))
+            return [to_routes(rows, kept[i], tried[i], self.ctx.data.K) for i in range(len(policies))]
+        return [policy_routes(policy, self.ctx.data, rows, ex_ante) for policy in policies]
 
 
 @register("RouteNLP (CRC)")
