@@ -59,6 +59,7 @@ from routenlp_core.decision_record import DecisionRecord
 
 from . import decision_log_writer
 from .decision_log_writer import FRAME_BYTES, read_frame
+from .pipes import read_available
 
 logger = logging.getLogger("litellm_routenlp")
 
@@ -269,12 +270,9 @@ class _State:
             link = self.link
             if link is None:
                 return
-            try:
-                data = os.read(link.ack_fd, 1 << 16)
-            except BlockingIOError:
+            data = read_available(link.ack_fd)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self.writer_lost("exited")
                 return

@@ -22,6 +22,7 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
+from .pipes import read_available
 from .router_worker import READY_ID, decode_replies, encode_query
 
 logger = logging.getLogger("litellm_routenlp")
@@ -202,12 +203,9 @@ class RouterProcess:
     def _drain(self) -> None:
         if self._process is None:
             return
-        try:
-            data = os.read(self._reply_fd, 1 << 16)
-        except BlockingIOError:
+        data = read_available(self._reply_fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             code = self._process.poll()
             self._lost("exited" if code is None else f"exited with status {code}")
